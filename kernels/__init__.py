@@ -1,0 +1,1 @@
+"""TokenSelect selection kernels: PyTorch references and Triton kernels (CUDA)."""

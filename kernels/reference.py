@@ -1,0 +1,202 @@
+"""Plain PyTorch reference of TokenSelect's selection, the project's specification.
+
+Every fast kernel in this package is tested against these functions. They run on any
+device, loop over requests in Python, and favour clarity over speed.
+
+Shapes (B = requests in the batch, S = KV slots, R = request-pool rows, M = max context):
+    q                 [B, H_q, D]   one query per request (decode token, or a chunk's mean)
+    k_buffer          [S, H_kv, D]  one layer's key cache, SGLang's layout
+    req_to_token      [R, M]        logical position -> physical KV slot, per pool row
+    req_pool_indices  [B]           pool row of each request
+    seq_lens          [B]           context length L, the current token included
+
+Candidates of a request are the logical positions ``[n_init, L - n_local)``; candidate
+index ``j`` is position ``n_init + j``. Query head ``h`` reads KV head ``h // (H_q / H_kv)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def candidate_counts(seq_lens: torch.Tensor, n_init: int, n_local: int) -> torch.Tensor:
+    """[B] number of candidate positions, clamped at 0."""
+    return (seq_lens.long() - n_init - n_local).clamp_min(0)
+
+
+def selected_lens(seq_lens: torch.Tensor, n_init: int, n_local: int, topk: int) -> torch.Tensor:
+    """[B] tokens attended: all of them up to the budget, else exactly the budget."""
+    return seq_lens.long().clamp_max(n_init + topk + n_local)
+
+
+def is_sparse(seq_lens: torch.Tensor, n_init: int, n_local: int, topk: int) -> torch.Tensor:
+    """[B] bool, True where the request attends a selection rather than everything."""
+    return seq_lens.long() > n_init + topk + n_local
+
+
+def kv_head_of(num_q_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """[H_q] KV head read by each query head: ``h // group`` (GQA groups are contiguous)."""
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"H_q={num_q_heads} is not a multiple of H_kv={num_kv_heads}")
+    return torch.arange(num_q_heads) // (num_q_heads // num_kv_heads)
+
+
+def head_scores_reference(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled per-head scores of one request.
+
+    Args:
+        q: [H_q, D]; keys: [N, H_kv, D].
+    Returns:
+        [H_q, N] float32, ``scale * q_h . K[j, h // group]``.
+    """
+    heads = kv_head_of(q.shape[0], keys.shape[1]).to(keys.device)
+    k_per_q = keys.float()[:, heads, :]  # [N, H_q, D]
+    return torch.einsum("hd,nhd->hn", q.float(), k_per_q) * scale
+
+
+def vote_from_scores(scores: torch.Tensor, vote: str) -> torch.Tensor:
+    """[H_q, N] scores -> [N] votes: head soft vote, or the plain sum over heads."""
+    if vote == "soft":
+        return torch.softmax(scores, dim=-1).sum(dim=0)
+    if vote == "sum":
+        return scores.sum(dim=0)
+    raise ValueError(f"unknown vote {vote!r}")
+
+
+def vote_scores_reference(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    n_init: int,
+    n_local: int,
+    scale: float,
+    vote: str = "soft",
+    max_candidates: int | None = None,
+) -> torch.Tensor:
+    """Votes of every candidate of every request.
+
+    Returns:
+        [B, max_candidates] float32; column ``j`` is position ``n_init + j``; columns at
+        or past a request's candidate count hold -inf.
+    """
+    counts = candidate_counts(seq_lens, n_init, n_local).tolist()
+    width = max(counts + [0]) if max_candidates is None else max_candidates
+    out = torch.full((q.shape[0], width), NEG_INF, dtype=torch.float32, device=q.device)
+    for b, count in enumerate(counts):
+        if count == 0:
+            continue
+        row = int(req_pool_indices[b])
+        slots = req_to_token[row, n_init : n_init + count].long()
+        scores = head_scores_reference(q[b], k_buffer[slots], scale)
+        out[b, :count] = vote_from_scores(scores, vote)
+    return out
+
+
+def topk_positions_reference(
+    votes: torch.Tensor, seq_lens: torch.Tensor, *, n_init: int, n_local: int, topk: int
+) -> torch.Tensor:
+    """Logical positions of the ``topk`` best candidates, ascending.
+
+    Returns:
+        [B, topk] int32; rows that are not sparse (L <= budget) hold -1.
+    """
+    out = torch.full((votes.shape[0], topk), -1, dtype=torch.int32, device=votes.device)
+    sparse = is_sparse(seq_lens, n_init, n_local, topk).tolist()
+    for b, is_sp in enumerate(sparse):
+        if is_sp:
+            best = torch.topk(votes[b], topk).indices
+            out[b] = (torch.sort(best).values + n_init).to(torch.int32)
+    return out
+
+
+def selection_positions(
+    topk_positions: torch.Tensor, seq_len: int, *, n_init: int, n_local: int, topk: int
+) -> torch.Tensor:
+    """[n] int64 logical positions attended by one request (dense or init+topk+local)."""
+    if seq_len <= n_init + topk + n_local:
+        return torch.arange(seq_len, device=topk_positions.device)
+    dev = topk_positions.device
+    return torch.cat(
+        [
+            torch.arange(n_init, device=dev),
+            topk_positions.long(),
+            torch.arange(seq_len - n_local, seq_len, device=dev),
+        ]
+    )
+
+
+def kv_indptr_reference(seq_lens: torch.Tensor, *, n_init: int, n_local: int, topk: int) -> torch.Tensor:
+    """[B + 1] int32 offsets of each request's selection in ``kv_indices``."""
+    lens = selected_lens(seq_lens, n_init, n_local, topk)
+    indptr = torch.zeros(seq_lens.shape[0] + 1, dtype=torch.int32, device=seq_lens.device)
+    indptr[1:] = torch.cumsum(lens, 0).to(torch.int32)
+    return indptr
+
+
+def assemble_kv_indices_reference(
+    topk_positions: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    *,
+    n_init: int,
+    n_local: int,
+    topk: int,
+) -> None:
+    """Write each request's selected physical slots at ``kv_indices[kv_indptr[b]:]``."""
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        pos = selection_positions(topk_positions[b], seq_len, n_init=n_init, n_local=n_local, topk=topk)
+        start = int(kv_indptr[b])
+        row = int(req_pool_indices[b])
+        kv_indices[start : start + pos.numel()] = req_to_token[row, pos].to(kv_indices.dtype)
+
+
+def selection_cache_hits_reference(
+    q_flat: torch.Tensor, cached_q: torch.Tensor, cached_valid: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """[B] bool: the cached selection is valid and ``cos(q, cached_q) >= threshold``.
+
+    Args:
+        q_flat, cached_q: [B, H_q * D]; cached_valid: [B] bool.
+    A threshold of 1.0 or more never hits (the cache is off).
+    """
+    if threshold >= 1.0:
+        return torch.zeros_like(cached_valid, dtype=torch.bool)
+    cos = torch.nn.functional.cosine_similarity(q_flat.float(), cached_q.float(), dim=-1, eps=1e-6)
+    return cached_valid & (cos >= threshold)
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scale: float,
+    logit_cap: float = 0.0,
+) -> torch.Tensor:
+    """Decode attention of each request over the slots listed for it.
+
+    Args:
+        q: [B, H_q, D]; k_buffer: [S, H_kv, D]; v_buffer: [S, H_kv, Dv].
+    Returns:
+        [B, H_q, Dv] in q's dtype, accumulated in float32.
+    """
+    heads = kv_head_of(q.shape[1], k_buffer.shape[1]).to(q.device)
+    out = torch.empty(q.shape[0], q.shape[1], v_buffer.shape[-1], dtype=q.dtype, device=q.device)
+    for b in range(q.shape[0]):
+        slots = kv_indices[int(kv_indptr[b]) : int(kv_indptr[b + 1])].long()
+        keys = k_buffer[slots].float()[:, heads, :]  # [n, H_q, D]
+        values = v_buffer[slots].float()[:, heads, :]
+        logits = torch.einsum("hd,nhd->hn", q[b].float(), keys) * scale
+        if logit_cap > 0:
+            logits = logit_cap * torch.tanh(logits / logit_cap)
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), values).to(q.dtype)
+    return out

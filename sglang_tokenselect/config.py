@@ -1,0 +1,91 @@
+"""TokenSelect configuration: one frozen dataclass shared by every path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Vote = Literal["soft", "sum"]
+VOTES: tuple[str, ...] = ("soft", "sum")
+
+
+@dataclass(frozen=True)
+class TokenSelectConfig:
+    """Budget and selection rule of one TokenSelect decode step.
+
+    Attributes:
+        n_init: leading tokens always attended (attention sinks).
+        n_local: trailing tokens always attended, the current token included.
+        topk: critical tokens chosen among positions ``[n_init, L - n_local)``.
+        cache_threshold: Selection Cache reuse threshold on the cosine between the
+            current and the cached query (all heads flattened). 1.0 disables reuse
+            of anything but bit-identical queries; >1 is rejected.
+        score_scale: ``c`` in ``softmax(c * q.k)``; ``None`` means the layer's own
+            attention scale (1/sqrt(d) for most models).
+        vote: ``"soft"`` = head soft vote (sum over heads of per-head softmax, the
+            paper's method); ``"sum"`` = plain top-k on the head-summed raw scores
+            (the ablation baseline).
+    """
+
+    n_init: int = 128
+    n_local: int = 512
+    topk: int = 2048
+    cache_threshold: float = 0.9
+    score_scale: Optional[float] = 1.0
+    vote: Vote = "soft"
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+
+    @property
+    def budget(self) -> int:
+        """Tokens attended per request once the context exceeds the budget."""
+        return self.n_init + self.topk + self.n_local
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.cache_threshold < 1.0
+
+    def scale_for(self, layer_scaling: float) -> float:
+        return layer_scaling if self.score_scale is None else self.score_scale
+
+
+def validate_config(cfg: TokenSelectConfig) -> None:
+    """Raise ValueError naming the CLI option of the first bad field."""
+    if not isinstance(cfg.n_init, int) or cfg.n_init < 0:
+        raise ValueError(f"--tokenselect-n-init must be an integer >= 0, got {cfg.n_init!r}")
+    if not isinstance(cfg.n_local, int) or cfg.n_local < 1:
+        raise ValueError(
+            f"--tokenselect-n-local must be an integer >= 1 (the current token is "
+            f"always local), got {cfg.n_local!r}"
+        )
+    if not isinstance(cfg.topk, int) or cfg.topk < 1:
+        raise ValueError(f"--tokenselect-topk must be an integer >= 1, got {cfg.topk!r}")
+    th = cfg.cache_threshold
+    if not isinstance(th, (int, float)) or math.isnan(th) or not 0.0 <= th <= 1.0:
+        raise ValueError(
+            f"--tokenselect-cache-threshold must be in [0, 1] (1.0 turns the "
+            f"Selection Cache off), got {th!r}"
+        )
+    sc = cfg.score_scale
+    if sc is not None and (
+        not isinstance(sc, (int, float)) or not math.isfinite(sc) or sc <= 0
+    ):
+        raise ValueError(
+            f"--tokenselect-score-scale must be a positive number or 'layer', got {sc!r}"
+        )
+    if cfg.vote not in VOTES:
+        raise ValueError(f"--tokenselect-vote must be one of {VOTES}, got {cfg.vote!r}")
+
+
+def parse_score_scale(text: str) -> Optional[float]:
+    """CLI form of ``score_scale``: a positive float, or ``layer``."""
+    if text.strip().lower() == "layer":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"--tokenselect-score-scale must be a positive number or 'layer', got {text!r}"
+        ) from None
