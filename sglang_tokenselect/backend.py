@@ -1,0 +1,274 @@
+"""The ``tokenselect`` attention backend.
+
+Prefill and extend are dense (the parent backend's). Decode attends, per request and per
+layer, the first ``n_init`` tokens, the ``topk`` tokens chosen by the head soft vote and
+the last ``n_local`` tokens. Two classes share that logic through ``TokenSelectDecodeMixin``:
+
+- ``TokenSelectFlashInferBackend`` (CUDA): FlashInfer's paged decode, planned once per step
+  with page size 1 and ``min(L, budget)`` tokens per request; each layer writes its
+  selection's physical slots into the planned index buffer before the kernel runs.
+- ``TokenSelectTorchBackend`` (CPU): the PyTorch reference of selection and attention, so
+  SGLang's attention test kit can exercise the backend without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.runtime_context import get_parallel
+
+from sglang_tokenselect.config import TokenSelectConfig
+from sglang_tokenselect.kernels import reference as ref
+from sglang_tokenselect.selection import SelectionCache, SelectionOps, Selector, default_ops
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedConfigError(ValueError):
+    """A model or server option this backend does not support."""
+
+
+def check_runner_supported(model_runner: "ModelRunner") -> None:
+    """Refuse, naming the option or model property, what the backend cannot serve."""
+    model_config = model_runner.model_config
+    if model_runner.use_mla_backend:
+        raise UnsupportedConfigError(
+            "--attention-backend tokenselect does not support MLA models (e.g. DeepSeek V2/V3)."
+        )
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise UnsupportedConfigError(
+            "--attention-backend tokenselect does not support encoder-decoder models."
+        )
+    if model_runner.sliding_window_size is not None:
+        raise UnsupportedConfigError(
+            "--attention-backend tokenselect does not support models with sliding-window "
+            f"attention layers (sliding_window_size={model_runner.sliding_window_size})."
+        )
+    if model_runner.page_size != 1:
+        raise UnsupportedConfigError(
+            f"--attention-backend tokenselect needs --page-size 1, got {model_runner.page_size}."
+        )
+    if model_runner.kv_cache_dtype != model_runner.dtype:
+        raise UnsupportedConfigError(
+            "--attention-backend tokenselect does not support a quantized KV cache "
+            f"(--kv-cache-dtype gave {model_runner.kv_cache_dtype}, model dtype {model_runner.dtype})."
+        )
+    if not model_runner.spec_algorithm.is_none():
+        raise UnsupportedConfigError(
+            "--attention-backend tokenselect does not support speculative decoding "
+            "(--speculative-algorithm)."
+        )
+
+
+@dataclass
+class DecodeStep:
+    """Per-step buffers shared by every layer (B = requests in the batch).
+
+    kv_indptr [B + 1] int32; kv_indices [sum of min(L, budget)] int32; votes [B, C] float32.
+    """
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    votes: torch.Tensor
+
+
+class TokenSelectDecodeMixin:
+    """Selection state and decode-step planning shared by the CUDA and CPU backends."""
+
+    def _init_tokenselect(self, model_runner: "ModelRunner", config: TokenSelectConfig,
+                          stats_interval: int = 0, ops: Optional[SelectionOps] = None) -> None:
+        check_runner_supported(model_runner)
+        self.ts_config = config
+        self.ts_stats_interval = stats_interval
+        pool = model_runner.token_to_kv_pool
+        self.ts_start_layer = getattr(pool, "start_layer", 0)
+        tp = get_parallel().attn_tp_size
+        num_heads = model_runner.model_config.get_num_attention_heads(tp)
+        device = torch.device(model_runner.device)
+        cache = SelectionCache.allocate(
+            num_layers=pool.layer_num,
+            num_rows=model_runner.req_to_token_pool.req_to_token.shape[0],
+            query_width=num_heads * model_runner.model_config.head_dim,
+            topk=config.topk,
+            dtype=model_runner.dtype,
+            device=device,
+        )
+        self.ts_selector = Selector(config, cache, ops or default_ops(device))
+        self.ts_step: Optional[DecodeStep] = None
+        self.ts_decode_steps = 0
+        logger.info(
+            "TokenSelect: n_init=%d topk=%d n_local=%d (budget %d tokens), cache threshold %.3g, "
+            "score scale %s, vote %s; Selection Cache %.1f MB for %d pool rows x %d layers",
+            config.n_init, config.topk, config.n_local, config.budget, config.cache_threshold,
+            "layer" if config.score_scale is None else config.score_scale, config.vote,
+            cache.nbytes / 2**20, cache.valid.shape[1], cache.valid.shape[0],
+        )
+
+    @property
+    def selection_cache(self) -> SelectionCache:
+        return self.ts_selector.cache
+
+    def _plan_decode_step(self, forward_batch: "ForwardBatch") -> torch.Tensor:
+        """Allocate this step's buffers; returns the [B] CPU tensor of selected lengths."""
+        cfg = self.ts_config
+        seq_lens_cpu = forward_batch.seq_lens_cpu
+        if seq_lens_cpu is None:  # not on SGLang's scheduler path; costs one sync
+            seq_lens_cpu = forward_batch.seq_lens.cpu()
+        bs = seq_lens_cpu.shape[0]
+        device = forward_batch.seq_lens.device
+        lens_cpu = seq_lens_cpu.clamp(max=cfg.budget)
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        kv_indptr[1:] = torch.cumsum(forward_batch.seq_lens.clamp(max=cfg.budget), 0)
+        max_candidates = max(int(seq_lens_cpu.max()) - cfg.n_init - cfg.n_local, 1) if bs else 1
+        self.ts_step = DecodeStep(
+            kv_indptr=kv_indptr,
+            kv_indices=torch.empty(int(lens_cpu.sum()), dtype=torch.int32, device=device),
+            votes=torch.empty(bs, max_candidates, dtype=torch.float32, device=device),
+        )
+        self._count_decode_step()
+        return lens_cpu
+
+    def _forget_extended_rows(self, forward_batch: "ForwardBatch") -> None:
+        # Every request runs an extend before its first decode, both a new owner of a
+        # reused pool row and a request whose prefix came from the radix cache: start
+        # its selections afresh.
+        if forward_batch.req_pool_indices is not None and forward_batch.req_pool_indices.numel():
+            self.selection_cache.invalidate_rows(forward_batch.req_pool_indices)
+
+    def _select(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch") -> DecodeStep:
+        step = self.ts_step
+        self.ts_selector.select(
+            layer.layer_id - self.ts_start_layer,
+            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
+            step.kv_indptr,
+            step.kv_indices,
+            step.votes,
+            self.ts_config.scale_for(layer.scaling),
+        )
+        return step
+
+    def _count_decode_step(self) -> None:
+        self.ts_decode_steps += 1
+        if self.ts_stats_interval and self.ts_decode_steps % self.ts_stats_interval == 0:
+            self.log_stats()
+
+    def log_stats(self) -> dict[str, int]:
+        """Log cumulative Selection Cache counters (reads device memory: a sync)."""
+        counts = self.selection_cache.counts()
+        selections = counts["hits"] + counts["misses"]
+        hit_rate = counts["hits"] / selections if selections else 0.0
+        logger.info(
+            "TokenSelect stats: decode_steps=%d selections=%d hits=%d misses=%d dense=%d hit_rate=%.4f",
+            self.ts_decode_steps, selections, counts["hits"], counts["misses"], counts["dense"], hit_rate,
+        )
+        return counts
+
+
+class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
+    """CPU backend: dense SDPA extend (parent), reference TokenSelect decode."""
+
+    def __init__(self, model_runner: "ModelRunner", config: TokenSelectConfig,
+                 stats_interval: int = 0, ops: Optional[SelectionOps] = None):
+        TorchNativeAttnBackend.__init__(self, model_runner)
+        self._init_tokenselect(model_runner, config, stats_interval, ops)
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch"):
+        super().init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_decode():
+            self._plan_decode_step(forward_batch)
+        elif forward_batch.forward_mode.is_extend():
+            self._forget_extended_rows(forward_batch)
+
+    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                       save_kv_cache: bool = True):
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        step = self._select(q, layer, forward_batch)
+        out = ref.paged_decode_attention_reference(
+            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            step.kv_indptr,
+            step.kv_indices,
+            layer.scaling,
+            layer.logit_cap,
+        )
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+
+def _flashinfer_backend_class():
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    class TokenSelectFlashInferBackend(TokenSelectDecodeMixin, FlashInferAttnBackend):
+        """CUDA backend: FlashInfer dense prefill (parent), FlashInfer paged decode over the selection."""
+
+        def __init__(self, model_runner: "ModelRunner", config: TokenSelectConfig,
+                     stats_interval: int = 0, ops: Optional[SelectionOps] = None):
+            FlashInferAttnBackend.__init__(
+                self, model_runner, init_new_workspace=model_runner.init_new_workspace
+            )
+            self._init_tokenselect(model_runner, config, stats_interval, ops)
+
+        def init_forward_metadata(self, forward_batch: "ForwardBatch"):
+            if not forward_batch.forward_mode.is_decode():
+                if forward_batch.forward_mode.is_extend():
+                    self._forget_extended_rows(forward_batch)
+                return super().init_forward_metadata(forward_batch)
+            lens_cpu = self._plan_decode_step(forward_batch)
+            step = self.ts_step
+            wrapper = self.decode_wrappers[0]
+            # Handing SGLang's planner our own indptr/indices (the spec_info slot) makes
+            # FlashInfer keep a reference to kv_indices, which each layer rewrites in place.
+            self.indices_updater_decode.call_begin_forward(
+                wrapper,
+                forward_batch.req_pool_indices,
+                forward_batch.seq_lens.clamp(max=self.ts_config.budget),
+                int(lens_cpu.sum()),
+                step.kv_indptr,
+                None,
+                SimpleNamespace(kv_indptr=step.kv_indptr, kv_indices=step.kv_indices),
+                lens_cpu,
+                fixed_split_size=self.decode_split_tile_size,
+                disable_split_kv=False,
+            )
+            from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
+
+            self.forward_metadata = DecodeMetadata(self.decode_wrappers, swa_out_cache_loc=None)
+
+        def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                           save_kv_cache: bool = True):
+            # The current token is always local, never a candidate: selecting before the
+            # parent writes its K/V is safe.
+            self._select(q, layer, forward_batch)
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+
+    return TokenSelectFlashInferBackend
+
+
+def create_tokenselect_backend(model_runner: "ModelRunner"):
+    """Factory registered as ``--attention-backend tokenselect``."""
+    from sglang_tokenselect.server_args import config_from_server_args, stats_interval_from_server_args
+
+    config = config_from_server_args(model_runner.server_args)
+    interval = stats_interval_from_server_args(model_runner.server_args)
+    if torch.device(model_runner.device).type == "cuda":
+        return _flashinfer_backend_class()(model_runner, config, interval)
+    return TokenSelectTorchBackend(model_runner, config, interval)
