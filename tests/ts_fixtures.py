@@ -57,11 +57,12 @@ class Run:
     seed: int
 
 
-def build(case: DenseAttentionCase, seed: int, **kwargs) -> Run:
-    """Build a kit fixture on CPU, then redraw its hidden states and KV from ``seed``."""
+def build(case: DenseAttentionCase, seed: int, device: str = "cpu", **kwargs) -> Run:
+    """Build a kit fixture, then redraw its hidden states and KV from ``seed``."""
+    kwargs.setdefault("head_dim", HEAD_DIM)
     fixture = build_dense_attention_fixture(
-        _TestCaseShim(), case, head_dim=HEAD_DIM, hidden_size=HIDDEN, max_context_len=MAX_CTX,
-        dtype=DTYPE, device="cpu", **kwargs,
+        _TestCaseShim(), case, hidden_size=HIDDEN, max_context_len=MAX_CTX,
+        dtype=DTYPE, device=device, **kwargs,
     )
     redraw_inputs(fixture, seed)
     return Run(fixture, seed)
@@ -70,9 +71,9 @@ def build(case: DenseAttentionCase, seed: int, **kwargs) -> Run:
 def redraw_inputs(fixture, seed: int) -> None:
     """Fresh hidden states, and the prefix K/V they project to, at the batch's own slots."""
     gen = torch.Generator().manual_seed(seed)
-    case = fixture.case
-    fixture.prefix_hidden = [torch.randn(n, HIDDEN, generator=gen).to(DTYPE) for n in case.prefix_lens]
-    fixture.input_hidden = torch.randn(case.num_input_tokens, HIDDEN, generator=gen).to(DTYPE)
+    case, device = fixture.case, fixture.input_hidden.device
+    fixture.prefix_hidden = [torch.randn(n, HIDDEN, generator=gen).to(device, DTYPE) for n in case.prefix_lens]
+    fixture.input_hidden = torch.randn(case.num_input_tokens, HIDDEN, generator=gen).to(device, DTYPE)
     write_prefix_kv(fixture, fixture.forward_batch, fixture.prefix_hidden)
 
 
@@ -99,7 +100,8 @@ def forward(fixture, backend, batch=None, hidden=None) -> torch.Tensor:
 
 def make_batch(fixture, case: DenseAttentionCase):
     """A new ForwardBatch for ``case`` on the fixture's runner (rows 0..B-1)."""
-    return _make_forward_batch(case, fixture.runner, max_context_len=MAX_CTX, device="cpu")
+    device = str(fixture.input_hidden.device)
+    return _make_forward_batch(case, fixture.runner, max_context_len=MAX_CTX, device=device)
 
 
 # --- an independent TokenSelect reference, built from the kit's reference module -------------
@@ -119,6 +121,7 @@ def expected_tokenselect_decode(fixture, *, n_init, n_local, topk, score_scale=1
         values = torch.cat([v_pre, v_new[b : b + 1]]).view(-1, ref.num_kv_heads, ref.head_dim).float()
         q = q_all[b].view(ref.num_heads, ref.head_dim).float()
         length = keys.shape[0]
+        keys, values, q = keys.cpu(), values.cpu(), q.cpu()
         keys_h = keys.repeat_interleave(group, dim=1)  # [L, H_q, D]: head h reads kv head h // group
         values_h = values.repeat_interleave(group, dim=1)
         if length <= n_init + topk + n_local:
@@ -132,4 +135,5 @@ def expected_tokenselect_decode(fixture, *, n_init, n_local, topk, score_scale=1
         logits = torch.einsum("hd,jhd->hj", q, keys_h[chosen]) * ref.scaling
         out = torch.einsum("hj,jhd->hd", torch.softmax(logits, dim=1), values_h[chosen])
         outs.append(out.reshape(-1))
-    return ref.reconstruct_output(torch.stack(outs).to(fixture.input_hidden.dtype))
+    attn = torch.stack(outs).to(fixture.input_hidden.device, fixture.input_hidden.dtype)
+    return ref.reconstruct_output(attn)
