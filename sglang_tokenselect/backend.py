@@ -76,12 +76,14 @@ def check_runner_supported(model_runner: "ModelRunner") -> None:
 class DecodeStep:
     """Per-step buffers shared by every layer (B = requests in the batch).
 
-    kv_indptr [B + 1] int32; kv_indices [sum of min(L, budget)] int32; votes [B, C] float32.
+    kv_indptr [B + 1] int32; kv_indices [sum of min(L, budget)] int32; votes [B, C] float32;
+    workspace: the selection ops' scratch for [B, C] (None for the references).
     """
 
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
     votes: torch.Tensor
+    workspace: object = None
 
 
 class TokenSelectDecodeMixin:
@@ -96,6 +98,7 @@ class TokenSelectDecodeMixin:
         self.ts_start_layer = getattr(pool, "start_layer", 0)
         tp = get_parallel().attn_tp_size
         num_heads = model_runner.model_config.get_num_attention_heads(tp)
+        self.ts_num_heads = num_heads
         device = torch.device(model_runner.device)
         cache = SelectionCache.allocate(
             num_layers=pool.layer_num,
@@ -136,6 +139,7 @@ class TokenSelectDecodeMixin:
             kv_indptr=kv_indptr,
             kv_indices=torch.empty(int(lens_cpu.sum()), dtype=torch.int32, device=device),
             votes=torch.empty(bs, max_candidates, dtype=torch.float32, device=device),
+            workspace=self.ts_selector.ops.alloc_workspace(bs, max_candidates, self.ts_num_heads, device),
         )
         self._count_decode_step()
         return lens_cpu
@@ -160,6 +164,7 @@ class TokenSelectDecodeMixin:
             step.kv_indices,
             step.votes,
             self.ts_config.scale_for(layer.scaling),
+            step.workspace,
         )
         return step
 

@@ -25,12 +25,15 @@ logger = logging.getLogger(__name__)
 
 
 class SelectionOps(Protocol):
-    """The three selection kernels; signatures follow ``kernels/triton_select.py``."""
+    """The three selection kernels and their scratch; signatures follow ``kernels/triton_select.py``."""
+
+    def alloc_workspace(self, max_batch, max_candidates, num_q_heads, device): ...
 
     def vote_scores(self, q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, out, *,
-                    n_init, n_local, scale, vote) -> None: ...
+                    n_init, n_local, scale, vote, workspace=None) -> None: ...
 
-    def topk_positions(self, votes, seq_lens, active, out, *, n_init, n_local, topk) -> None: ...
+    def topk_positions(self, votes, seq_lens, active, out, *, n_init, n_local, topk,
+                       workspace=None) -> None: ...
 
     def assemble_kv_indices(self, positions, req_to_token, req_pool_indices, seq_lens, kv_indptr,
                             kv_indices, *, n_init, n_local, topk) -> None: ...
@@ -39,15 +42,19 @@ class SelectionOps(Protocol):
 class TorchSelectionOps:
     """The PyTorch references behind the ``SelectionOps`` interface (any device, slow)."""
 
+    def alloc_workspace(self, max_batch, max_candidates, num_q_heads, device):
+        return None  # the references allocate what they need
+
     def vote_scores(self, q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, out, *,
-                    n_init, n_local, scale, vote) -> None:
+                    n_init, n_local, scale, vote, workspace=None) -> None:
         votes = ref.vote_scores_reference(
             q, k_buffer, req_to_token, req_pool_indices, seq_lens,
             n_init=n_init, n_local=n_local, scale=scale, vote=vote, max_candidates=out.shape[1],
         )
         out.copy_(torch.where(active[:, None], votes, out))
 
-    def topk_positions(self, votes, seq_lens, active, out, *, n_init, n_local, topk) -> None:
+    def topk_positions(self, votes, seq_lens, active, out, *, n_init, n_local, topk,
+                       workspace=None) -> None:
         positions = ref.topk_positions_reference(
             votes, seq_lens, n_init=n_init, n_local=n_local, topk=topk
         )
@@ -138,6 +145,7 @@ class Selector:
         kv_indices: torch.Tensor,
         votes: torch.Tensor,
         scale: float,
+        workspace=None,
     ) -> None:
         """Write the slots each request attends at ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``.
 
@@ -147,6 +155,7 @@ class Selector:
             kv_indptr: [B + 1] int32, cumsum of ``min(L, budget)``.
             kv_indices: [kv_indptr[-1]] int32, overwritten.
             votes: [B, C] float32 scratch, C >= the largest candidate count of the batch.
+            workspace: the ops' scratch for [B, C] (``ops.alloc_workspace``), shared by layers.
         """
         cfg, cache = self.config, self.cache
         rows = req_pool_indices.long()
@@ -159,10 +168,11 @@ class Selector:
         fresh = torch.empty(q.shape[0], cfg.topk, dtype=torch.int32, device=q.device)
         self.ops.vote_scores(
             q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, votes,
-            n_init=cfg.n_init, n_local=cfg.n_local, scale=scale, vote=cfg.vote,
+            n_init=cfg.n_init, n_local=cfg.n_local, scale=scale, vote=cfg.vote, workspace=workspace,
         )
         self.ops.topk_positions(
-            votes, seq_lens, active, fresh, n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk
+            votes, seq_lens, active, fresh, n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk,
+            workspace=workspace,
         )
         positions = torch.where(active[:, None], fresh, cache.positions[layer_id, rows])
         cache.positions[layer_id, rows] = positions
