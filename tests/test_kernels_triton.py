@@ -8,38 +8,13 @@ unwritten elements show, and inactive rows must stay untouched.
 
 from __future__ import annotations
 
-import os
+import itertools
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import itertools  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import triton.runtime.interpreter as _interp  # noqa: E402
-
-from sglang_tokenselect.kernels import reference as ref  # noqa: E402
-from sglang_tokenselect.kernels import triton_select as ts  # noqa: E402
-
-
-def _patch_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns scalars into 1-element arrays, and ``int()`` of those
-    fails under numpy 2 ("only 0-dimensional arrays ..."), which breaks ``range(0, n)``
-    with a loaded bound. Make ``__index__`` read the single element instead."""
-    original = _interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    if not getattr(original, "_tokenselect_patched", False):
-        patched._tokenselect_patched = True
-        _interp._patch_lang_tensor = patched
-
-
-_patch_interpreter_index()
+from sglang_tokenselect.kernels import reference as ref
+from sglang_tokenselect.kernels import triton_select as ts
 
 N_INIT, N_LOCAL, TOPK = 4, 8, 16
 BUDGET = N_INIT + TOPK + N_LOCAL

@@ -1,0 +1,29 @@
+"""Without a GPU, Triton kernels run through Triton's interpreter (set before any import)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    import numpy as np
+    import triton.runtime.interpreter as _interp
+
+    def _patch_interpreter_index() -> None:
+        """Triton 3.6's interpreter turns scalars into 1-element arrays, and ``int()`` of those
+        fails under numpy 2 ("only 0-dimensional arrays ..."), which breaks ``range(0, n)``
+        with a loaded bound. Make ``__index__`` read the single element instead."""
+        original = _interp._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+        if not getattr(original, "_tokenselect_patched", False):
+            patched._tokenselect_patched = True
+            _interp._patch_lang_tensor = patched
+
+    _patch_interpreter_index()
