@@ -709,10 +709,15 @@ def pick_port(host: str, port: int, tries: int = 20) -> int:
 class ServerProcess:
     """One server subprocess in its own process group, logging to a file."""
 
-    def __init__(self, cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None):
+    def __init__(self, cmd: List[str], log_path: str, env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[str] = None):
         self.cmd = cmd
         self.log_path = log_path
         self.env = env
+        # ``python -m`` puts the cwd first on sys.path: started from the repo root,
+        # the source tree's ``sglang_tokenselect`` (no ``kernels`` subpackage there)
+        # would shadow the installed package.  So servers run from ``cwd``.
+        self.cwd = cwd
         self.proc: Optional[subprocess.Popen] = None
         self._log_f = None
 
@@ -723,7 +728,7 @@ class ServerProcess:
         self._log_f.write(("$ " + shlex.join(self.cmd) + "\n").encode())
         self.proc = subprocess.Popen(
             self.cmd, stdout=self._log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, cwd=self.cwd,
         )
 
     def alive(self) -> bool:
@@ -1374,7 +1379,9 @@ def run_backend(backend: str, idx: int, cfg: BenchConfig, args: argparse.Namespa
     t_backend = time.monotonic()
     save()
     log(f"[{backend}] starting server (budget {budget.remaining():.0f} s): {shlex.join(cmd)}")
-    server = ServerProcess(cmd, log_path)
+    server_cwd = os.path.abspath(args.out_dir)
+    rec["server"]["cwd"] = server_cwd
+    server = ServerProcess(cmd, log_path, cwd=server_cwd)
     client = HttpClient(f"http://{args.host}:{port}", use_requests=None if not args.no_requests else False)
     try:
         server.start()
@@ -1538,6 +1545,9 @@ def load_previous(path: str, run_now: Sequence[str]) -> Tuple[Dict[str, Any], Li
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    args.out_dir = os.path.abspath(args.out_dir)
+    if args.results_json:
+        args.results_json = os.path.abspath(args.results_json)
     budget = Budget(args.time_budget)
     cfg = BenchConfig(args)
     os.makedirs(args.out_dir, exist_ok=True)

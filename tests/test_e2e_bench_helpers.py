@@ -660,6 +660,7 @@ def test_main_end_to_end_with_fake_servers(tmp_path, model_dir):
         assert ph["log"]["traceback_count"] == 0
         si = br["server"]["server_info"]
         assert si["attention_backend"] == b
+    assert r["backends"]["flashinfer"]["server"]["cwd"] == str(out)  # not the repo root
     assert r["backends"]["flashinfer"]["server"]["cmd"].endswith("--log-level info")
     assert "--tokenselect-stats-interval" not in r["backends"]["flashinfer"]["server"]["cmd"]
     assert "--max-running-requests 16" in r["backends"]["tokenselect"]["server"]["cmd"]
