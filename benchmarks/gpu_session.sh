@@ -29,9 +29,14 @@ for s in "$@"; do
     smol-part2) cat /tmp/smol/part00 .gpu/smol2/part01 >"$GGUF" && rm /tmp/smol/part00 \
                   && echo "$(cat .gpu/smol2/sha256)  $GGUF" | sha256sum -c ;;
     gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py ;;
-    select) step select python3 benchmarks/bench_select.py --out "$OUT/select.json" --plot "$OUT/select.png" ;;
-    select-quick) step select python3 benchmarks/bench_select.py --quick --out "$OUT/select.json" --plot "$OUT/select.png" ;;
-    e2e) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" ;;
+    select) step select python3 benchmarks/bench_select.py --out "$OUT/select.json" --plot ;;
+    select-quick) step select python3 benchmarks/bench_select.py --quick --out "$OUT/select.json" --plot ;;
+    # flashinfer (its default decode CUDA graphs) and tokenselect; kept in /tmp for e2e-nocg
+    e2e) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --time-budget "${E2E_BUDGET:-540}" \
+           && mkdir -p /tmp/e2e_prev && cp "$OUT/e2e.json" /tmp/e2e_prev/ ;;
+    # flashinfer without CUDA graphs (like-for-like with tokenselect), merged with the last e2e
+    e2e-nocg) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --backends flashinfer@nocg \
+           --compare-with /tmp/e2e_prev/e2e.json --time-budget "${E2E_BUDGET:-540}" ;;
     e2e-quick) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --quick ;;
     accuracy) step accuracy python3 benchmarks/accuracy_gpu.py --gguf "$GGUF" --out-dir "$OUT" ;;
     *) echo "unknown step $s"; status=2 ;;
