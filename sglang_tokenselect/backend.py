@@ -13,9 +13,10 @@ the last ``n_local`` tokens. Two classes share that logic through ``TokenSelectD
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -123,26 +124,30 @@ class TokenSelectDecodeMixin:
     def selection_cache(self) -> SelectionCache:
         return self.ts_selector.cache
 
-    def _plan_decode_step(self, forward_batch: "ForwardBatch") -> torch.Tensor:
-        """Allocate this step's buffers; returns the [B] CPU tensor of selected lengths."""
+    def _plan_decode_step(self, forward_batch: "ForwardBatch") -> None:
+        """Allocate this step's buffers, sized for this batch (eager decode)."""
         cfg = self.ts_config
         seq_lens_cpu = forward_batch.seq_lens_cpu
         if seq_lens_cpu is None:  # not on SGLang's scheduler path; costs one sync
             seq_lens_cpu = forward_batch.seq_lens.cpu()
         bs = seq_lens_cpu.shape[0]
         device = forward_batch.seq_lens.device
-        lens_cpu = seq_lens_cpu.clamp(max=cfg.budget)
         kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
         kv_indptr[1:] = torch.cumsum(forward_batch.seq_lens.clamp(max=cfg.budget), 0)
+        total = int(seq_lens_cpu.clamp(max=cfg.budget).sum())
         max_candidates = max(int(seq_lens_cpu.max()) - cfg.n_init - cfg.n_local, 1) if bs else 1
         self.ts_step = DecodeStep(
             kv_indptr=kv_indptr,
-            kv_indices=torch.empty(int(lens_cpu.sum()), dtype=torch.int32, device=device),
+            kv_indices=torch.empty(total, dtype=torch.int32, device=device),
+            **self._scratch(bs, max_candidates, device),
+        )
+        self._count_decode_step()
+
+    def _scratch(self, bs: int, max_candidates: int, device) -> dict:
+        return dict(
             votes=torch.empty(bs, max_candidates, dtype=torch.float32, device=device),
             workspace=self.ts_selector.ops.alloc_workspace(bs, max_candidates, self.ts_num_heads, device),
         )
-        self._count_decode_step()
-        return lens_cpu
 
     def _forget_extended_rows(self, forward_batch: "ForwardBatch") -> None:
         # Every request runs an extend before its first decode, both a new owner of a
@@ -219,11 +224,19 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
 
+@functools.lru_cache(maxsize=None)
 def _flashinfer_backend_class():
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
 
     class TokenSelectFlashInferBackend(TokenSelectDecodeMixin, FlashInferAttnBackend):
-        """CUDA backend: FlashInfer dense prefill (parent), FlashInfer paged decode over the selection."""
+        """CUDA backend: FlashInfer dense prefill (parent), FlashInfer paged decode over the selection.
+
+        Every decode plan, eager or for a CUDA graph, goes through SGLang's decode indices
+        updater, which this class makes plan ``min(L, budget)`` tokens per request. Each
+        layer then overwrites the planned index buffer with its selection. Under decode CUDA
+        graphs the scratch buffers are static, sized for the largest captured batch and the
+        model's context length.
+        """
 
         def __init__(self, model_runner: "ModelRunner", config: TokenSelectConfig,
                      stats_interval: int = 0, ops: Optional[SelectionOps] = None):
@@ -231,32 +244,67 @@ def _flashinfer_backend_class():
                 self, model_runner, init_new_workspace=model_runner.init_new_workspace
             )
             self._init_tokenselect(model_runner, config, stats_interval, ops)
+            self._plan_budget_lengths()
+            self.ts_graph_scratch: Optional[dict] = None
+
+        def _plan_budget_lengths(self) -> None:
+            updater, budget = self.indices_updater_decode, self.ts_config.budget
+            plan = updater.update
+
+            def update(req_pool_indices, seq_lens, seq_lens_cpu, seq_lens_sum, *args, **kwargs):
+                lens = seq_lens.clamp(max=budget)
+                if seq_lens_cpu is not None:
+                    lens_cpu = seq_lens_cpu.clamp(max=budget)
+                    total = int(lens_cpu.sum())
+                else:  # not on SGLang's scheduler path; costs one sync
+                    lens_cpu, total = None, int(lens.sum())
+                return plan(req_pool_indices, lens, lens_cpu, total, *args, **kwargs)
+
+            updater.update = update
 
         def init_forward_metadata(self, forward_batch: "ForwardBatch"):
-            if not forward_batch.forward_mode.is_decode():
-                if forward_batch.forward_mode.is_extend():
-                    self._forget_extended_rows(forward_batch)
-                return super().init_forward_metadata(forward_batch)
-            lens_cpu = self._plan_decode_step(forward_batch)
-            step = self.ts_step
-            wrapper = self.decode_wrappers[0]
-            # Handing SGLang's planner our own indptr/indices (the spec_info slot) makes
-            # FlashInfer keep a reference to kv_indices, which each layer rewrites in place.
-            self.indices_updater_decode.call_begin_forward(
-                wrapper,
-                forward_batch.req_pool_indices,
-                forward_batch.seq_lens.clamp(max=self.ts_config.budget),
-                int(lens_cpu.sum()),
-                step.kv_indptr,
-                None,
-                SimpleNamespace(kv_indptr=step.kv_indptr, kv_indices=step.kv_indices),
-                lens_cpu,
-                fixed_split_size=self.decode_split_tile_size,
-                disable_split_kv=False,
-            )
-            from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
+            if forward_batch.forward_mode.is_extend():
+                self._forget_extended_rows(forward_batch)
+            super().init_forward_metadata(forward_batch)
+            if forward_batch.forward_mode.is_decode():
+                bs = forward_batch.batch_size
+                cfg = self.ts_config
+                seq_lens_cpu = forward_batch.seq_lens_cpu
+                longest = int(seq_lens_cpu.max()) if seq_lens_cpu is not None else self.max_context_len
+                scratch = self._scratch(bs, max(longest - cfg.n_init - cfg.n_local, 1), forward_batch.seq_lens.device)
+                self._bind_planned_step(scratch)
 
-            self.forward_metadata = DecodeMetadata(self.decode_wrappers, swa_out_cache_loc=None)
+        def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
+            super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
+            cfg = self.ts_config
+            candidates = max(self.max_context_len - cfg.n_init - cfg.n_local, 1)
+            self.ts_graph_scratch = self._scratch(max_bs, candidates, "cuda")
+            logger.info(
+                "TokenSelect: decode CUDA graph scratch for %d requests x %d candidates: %.1f MB",
+                max_bs, candidates, _scratch_bytes(self.ts_graph_scratch) / 2**20,
+            )
+
+        def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False):
+            if forward_batch.forward_mode.is_extend():
+                self._forget_extended_rows(forward_batch)
+            super().init_forward_metadata_out_graph(forward_batch, in_capture)
+            if forward_batch.forward_mode.is_decode():
+                bs = forward_batch.batch_size
+                scratch = self.ts_graph_scratch
+                self._bind_planned_step(dict(
+                    votes=scratch["votes"][:bs],
+                    workspace=_workspace_rows(scratch["workspace"], bs),
+                ))
+
+        def _bind_planned_step(self, scratch: dict) -> None:
+            wrapper = self.forward_metadata.decode_wrappers[0]
+            bs = scratch["votes"].shape[0]
+            self.ts_step = DecodeStep(
+                kv_indptr=wrapper._paged_kv_indptr_buf[: bs + 1],
+                kv_indices=wrapper._paged_kv_indices_buf,
+                **scratch,
+            )
+            self._count_decode_step()
 
         def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                            save_kv_cache: bool = True):
@@ -266,6 +314,25 @@ def _flashinfer_backend_class():
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
     return TokenSelectFlashInferBackend
+
+
+def _workspace_rows(workspace, bs: int):
+    """The first ``bs`` request rows of a Triton vote workspace (None passes through)."""
+    if workspace is None:
+        return None
+    return dataclasses.replace(
+        workspace,
+        **{f.name: getattr(workspace, f.name)[:bs] for f in dataclasses.fields(workspace)
+           if isinstance(getattr(workspace, f.name), torch.Tensor)},
+    )
+
+
+def _scratch_bytes(scratch: dict) -> int:
+    tensors = [scratch["votes"]]
+    if scratch["workspace"] is not None:
+        ws = scratch["workspace"]
+        tensors += [getattr(ws, f.name) for f in dataclasses.fields(ws) if isinstance(getattr(ws, f.name), torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def create_tokenselect_backend(model_runner: "ModelRunner"):

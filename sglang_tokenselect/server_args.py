@@ -24,6 +24,10 @@ STATS_ATTR = "_tokenselect_stats_interval"
 # Selection Cache memory is ~ (H_q*D*2 + topk*4) bytes per layer per pool row: cap the pool
 # when the user gave no --max-running-requests (32 MB per 64 rows for Llama-3-8B).
 DEFAULT_MAX_RUNNING_REQUESTS = 256
+# Decode CUDA graphs keep static selection scratch per captured request: ~(4 + 2*H_q) bytes
+# per candidate (264 MB for 32 requests of a 128K-context, 32-head model). Larger batches
+# run eagerly.
+MAX_DECODE_GRAPH_BS = 32
 
 _DEFAULTS = TokenSelectConfig()
 
@@ -131,19 +135,22 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
 
 
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
-    """tokenselect's defaults, set where SGLang resolves torch_native's (args still writable):
-    decode CUDA graphs off, and a bounded request pool for the Selection Cache."""
+    """tokenselect's defaults, set where SGLang resolves other backends' (args still
+    writable): decode CUDA graphs up to MAX_DECODE_GRAPH_BS requests, and a bounded
+    request pool for the Selection Cache."""
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
     if BACKEND_NAME not in server_args._resolved_attention_backends():
         return result
     decode = server_args.cuda_graph_config.decode
-    if decode.backend != Backend.DISABLED:
-        logger.warning(
-            "TokenSelect: decode CUDA graphs are disabled for --attention-backend tokenselect "
-            "(its per-step plan is not graph-capturable yet)."
+    if decode.backend != Backend.DISABLED and (decode.max_bs or 0) > MAX_DECODE_GRAPH_BS:
+        decode.max_bs = MAX_DECODE_GRAPH_BS
+        if decode.bs:
+            decode.bs = [b for b in decode.bs if b <= MAX_DECODE_GRAPH_BS]
+        logger.info(
+            "TokenSelect: decode CUDA graphs capture batches up to %d requests (static "
+            "selection scratch per request); larger batches run eagerly.", MAX_DECODE_GRAPH_BS,
         )
-        decode.backend = Backend.DISABLED
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info(

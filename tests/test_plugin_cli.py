@@ -95,14 +95,15 @@ def server_args(model: str, *argv: str) -> ServerArgs:
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *argv])
 
 
-def test_resolution_attaches_config_and_turns_decode_graphs_off(tiny_model):
-    from sglang.srt.model_executor.cuda_graph_config import Backend
+def test_resolution_attaches_config_and_caps_decode_graph_batches(tiny_model):
+    from sglang_tokenselect.server_args import MAX_DECODE_GRAPH_BS
 
     sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-topk", "96",
                      "--tokenselect-stats-interval", "8")
     assert sa._tokenselect_config == TokenSelectConfig(topk=96)
     assert sa._tokenselect_stats_interval == 8
-    assert sa.cuda_graph_config.decode.backend == Backend.DISABLED
+    decode = sa.cuda_graph_config.decode
+    assert decode.max_bs <= MAX_DECODE_GRAPH_BS and max(decode.bs or [0]) <= MAX_DECODE_GRAPH_BS
     assert sa.max_running_requests == 256
     assert sa.page_size in (None, 1)
     explicit = server_args(tiny_model, "--attention-backend", "tokenselect", "--max-running-requests", "7")
@@ -113,8 +114,9 @@ def test_resolution_attaches_config_and_turns_decode_graphs_off(tiny_model):
 
 
 def test_other_backends_are_left_alone(tiny_model):
-    sa = server_args(tiny_model, "--attention-backend", "torch_native")
+    sa = server_args(tiny_model, "--attention-backend", "triton")
     assert sa.max_running_requests is None
+    assert not hasattr(sa, "_tokenselect_config") or sa._tokenselect_config == TokenSelectConfig()
 
 
 @pytest.mark.parametrize("argv, message", [
