@@ -196,8 +196,8 @@ def plot_heatmap(results: list[dict[str, Any]], path: str, title: str = "") -> N
     import numpy as np
 
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1, 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.5, 3.8), squeeze=False)
+    for col, (ax, task) in enumerate(zip(axes[0], tasks)):
         rows = [r for r in results if r["task"] == task]
         lengths = sorted({r["length"] for r in rows})
         depths = sorted({r["depth"] for r in rows})
@@ -211,7 +211,8 @@ def plot_heatmap(results: list[dict[str, Any]], path: str, title: str = "") -> N
         ax.set_xticks(range(len(depths)), [f"{d:.2f}" for d in depths], rotation=45)
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths])
         ax.set_xlabel("needle depth")
-        ax.set_ylabel("prompt tokens")
+        if col == 0:
+            ax.set_ylabel("prompt tokens")
         mean = np.nanmean(acc) if acc.size else float("nan")
         ax.set_title(f"{task} (acc {mean:.2f})")
         for i in range(len(lengths)):

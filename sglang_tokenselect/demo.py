@@ -53,6 +53,10 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     cfg = TokenSelectConfig(
         n_init=args.n_init,
         n_local=args.n_local,
