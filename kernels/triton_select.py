@@ -58,9 +58,25 @@ VOTE_HEAD_CHUNK = 16  # query heads combined per loop step of the vote pass
 LSE_BLOCK_S = 256  # block statistics combined per loop step
 TOPK_BLOCK = 2048  # votes per radix program
 ASSEMBLE_BLOCK = 256  # output indices per assembly program
-RADIX_BITS = 8
+RADIX_BITS = 8  # default digit width of the top-k radix select (8: 4 passes, 11: 3 passes)
 RADIX_PASSES = 32 // RADIX_BITS
 RADIX_BINS = 1 << RADIX_BITS
+_RADIX_CHOICES = (8, 11)
+# Largest radix scratch row of any supported digit width (workspaces fit every choice).
+RADIX_SCRATCH = max(-(-32 // bits) * (1 << bits) for bits in _RADIX_CHOICES) + 2
+
+# Scoring pass 1 variants (``vote_scores(score_variant=...)``; the benchmark's --sweep times them):
+#   "grid": one K tile per program, grid (H_kv, C / block_n, B); programs past a row's
+#           candidates exit at once (a static C far above the real lengths launches many).
+#   "flat": a persistent grid of SCORE_PROGRAMS_PER_SM x SMs programs walks the list of real
+#           (row, block, kv head) tiles, kv head fastest (programs running together read whole
+#           slot rows); a software-pipelined loop keeps SCORE_STAGES - 1 tiles in flight per
+#           program. Cost independent of the static C; inactive rows contribute no work.
+SCORE_VARIANT = "flat"
+SCORE_STAGES = 3
+SCORE_PROGRAMS_PER_SM = 4
+SCORE_WARPS = None  # None: 4 for block_n * D <= 8192, else 8
+_DEFAULT_NUM_SMS = 132  # H100 SXM; the launcher asks the device when it is a GPU
 _LOG2E = 1.4426950408889634
 # Triton's CPU interpreter (used by the tests) cannot tl.dot bf16 blocks: upcast there only.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,8 +94,9 @@ class VoteWorkspace:
         block_max: [max_batch, H_q, n_blocks] fp32, per-block max of ``s2 = s * log2(e)``.
         block_sum: [max_batch, H_q, n_blocks] fp32, per-block sum of ``exp2(s2 - max)``.
         lse:       [max_batch, H_q] fp32, per-head ``log2(sum_j exp2(s2_j))``.
-        radix:     [max_batch, RADIX_PASSES * 256 + 2] int32, top-k histograms + counters.
+        radix:     [max_batch, RADIX_SCRATCH] int32, top-k histograms + counters.
         block_n:   candidates per scoring block (``n_blocks = cdiv(max_candidates, block_n)``).
+        radix_bits: digit width of the top-k radix passes run with this workspace (8 or 11).
     """
 
     probs: torch.Tensor
@@ -88,6 +105,7 @@ class VoteWorkspace:
     lse: torch.Tensor
     radix: torch.Tensor
     block_n: int
+    radix_bits: int = RADIX_BITS
 
     @property
     def max_batch(self) -> int:
@@ -114,6 +132,7 @@ def alloc_workspace(
     device: torch.device | str,
     *,
     block_n: int = SCORE_BLOCK_N,
+    radix_bits: int | None = None,
 ) -> VoteWorkspace:
     """Allocate the scratch of the soft vote and the top-k once (before graph capture).
 
@@ -125,6 +144,9 @@ def alloc_workspace(
     """
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    radix_bits = RADIX_BITS if radix_bits is None else radix_bits
+    if radix_bits not in _RADIX_CHOICES:
+        raise ValueError(f"radix_bits must be one of {_RADIX_CHOICES}, got {radix_bits}")
     n_blocks = triton.cdiv(max(max_candidates, 1), block_n)
     shape = (max_batch, num_q_heads)
     ws = VoteWorkspace(
@@ -133,8 +155,9 @@ def alloc_workspace(
         block_max=torch.empty(*shape, n_blocks, dtype=torch.float32, device=device),
         block_sum=torch.empty(*shape, n_blocks, dtype=torch.float32, device=device),
         lse=torch.empty(*shape, dtype=torch.float32, device=device),
-        radix=torch.zeros(max_batch, RADIX_PASSES * RADIX_BINS + 2, dtype=torch.int32, device=device),
+        radix=torch.zeros(max_batch, RADIX_SCRATCH, dtype=torch.int32, device=device),
         block_n=block_n,
+        radix_bits=radix_bits,
     )
     logger.debug(
         "TokenSelect vote workspace: %d x %d heads x %d candidates, %.1f MiB",
@@ -143,14 +166,32 @@ def alloc_workspace(
     return ws
 
 
-def _radix_scratch(workspace: VoteWorkspace | None, batch: int, device) -> torch.Tensor:
+def _radix_scratch(workspace: VoteWorkspace | None, batch: int, device, zero: bool = True) -> torch.Tensor:
     if workspace is None:
-        return torch.zeros(batch, RADIX_PASSES * RADIX_BINS + 2, dtype=torch.int32, device=device)
+        return torch.zeros(batch, RADIX_SCRATCH, dtype=torch.int32, device=device)
     if batch > workspace.max_batch:
         raise ValueError(f"workspace holds {workspace.max_batch} rows, asked for {batch}")
     scratch = workspace.radix[:batch]
-    scratch.zero_()
+    if zero:
+        scratch.zero_()
     return scratch
+
+
+def _radix_passes(bits: int) -> int:
+    return -(-32 // bits)
+
+
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _DEFAULT_NUM_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
 
 
 # ----------------------------------------------------------------------------- scoring + vote
@@ -176,6 +217,48 @@ def _gather_k_tile(k_ptr, r2t_ptr, row, offs_n, mask_n, kv_head, n_init,
 
 
 @triton.jit
+def _score_tile(
+    q_ptr, k_ptr, r2t_ptr, p_ptr, bmax_ptr, bsum_ptr,
+    b, row, kv_head, blk, count,
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t,
+    stride_pb, stride_ph, stride_sb, stride_sh,
+    n_init, scale_log2,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """Scores of block ``blk`` of row ``b`` against the GQA group of ``kv_head``; stores the
+    fp16 ``exp2(s - m_block)`` and the block max / sum-exp of each head of the group."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < count
+    k = _gather_k_tile(k_ptr, r2t_ptr, row, offs_n, mask_n, kv_head, n_init,
+                       stride_ks, stride_kh, stride_r2t, HEAD_DIM)
+    offs_g = tl.arange(0, G_PAD)
+    mask_g = offs_g < GROUP
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None], other=0.0)
+    # G_PAD >= 16 so that tl.dot maps onto tensor cores; padded heads are masked below.
+    # K is the A operand ([BLOCK_N, D] x [D, G_PAD]): it goes from global memory to the MMA
+    # without a transpose, which lets Triton's pipeliner stage it (cp.async) in a loop.
+    if DOT_F32:
+        s = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(k, tl.trans(q.to(k.dtype)))
+    s = s * scale_log2  # [BLOCK_N, G_PAD], log2 domain
+    s = tl.where(mask_n[:, None], s, float("-inf"))
+    m = tl.max(s, axis=0)
+    p = tl.exp2(s - m[None, :])
+    l = tl.sum(p, axis=0)
+    # Whole-block rows (zeros past `count`) so that the store vectorises.
+    p_ptrs = p_ptr + b.to(tl.int64) * stride_pb + heads[None, :].to(tl.int64) * stride_ph + offs_n[:, None]
+    tl.store(p_ptrs, p.to(tl.float16), mask=mask_g[None, :])
+    s_off = b.to(tl.int64) * stride_sb + heads * stride_sh + blk
+    tl.store(bmax_ptr + s_off, m, mask=mask_g)
+    tl.store(bsum_ptr + s_off, l, mask=mask_g)
+
+
+@triton.jit
 def _soft_score_kernel(
     q_ptr, k_ptr, r2t_ptr, rpi_ptr, seq_ptr, act_ptr,
     p_ptr, bmax_ptr, bsum_ptr,
@@ -185,57 +268,83 @@ def _soft_score_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
+    """Variant "grid": one tile per program, grid (H_kv, n_blocks, B)."""
     kv_head = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2)
     if tl.load(act_ptr + b).to(tl.int32) == 0:
         return
     count = _candidate_count(seq_ptr, b, n_init, n_local, c_max)
-    start = blk * BLOCK_N
-    if start >= count:
+    if blk * BLOCK_N >= count:
         return
-    offs_n = start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < count
     row = tl.load(rpi_ptr + b).to(tl.int64)
-    k = _gather_k_tile(k_ptr, r2t_ptr, row, offs_n, mask_n, kv_head, n_init,
-                       stride_ks, stride_kh, stride_r2t, HEAD_DIM)
+    _score_tile(q_ptr, k_ptr, r2t_ptr, p_ptr, bmax_ptr, bsum_ptr,
+                b, row, kv_head, blk, count,
+                stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t,
+                stride_pb, stride_ph, stride_sb, stride_sh, n_init, scale_log2,
+                GROUP, G_PAD, HEAD_DIM, BLOCK_N, DOT_F32)
 
-    offs_g = tl.arange(0, G_PAD)
-    mask_g = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None], other=0.0)
-    # G_PAD >= 16 so that tl.dot maps onto tensor cores; padded heads are masked below.
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q.to(k.dtype), tl.trans(k))
-    s = s * scale_log2  # [G_PAD, BLOCK_N], log2 domain
-    s = tl.where(mask_n[None, :], s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp2(s - m[:, None])
-    l = tl.sum(p, axis=1)
 
-    # Whole-block rows (zeros past `count`) so that the store vectorises.
-    p_ptrs = p_ptr + b.to(tl.int64) * stride_pb + heads[:, None].to(tl.int64) * stride_ph + offs_n[None, :]
-    tl.store(p_ptrs, p.to(tl.float16), mask=mask_g[:, None])
-    s_off = b.to(tl.int64) * stride_sb + heads * stride_sh + blk
-    tl.store(bmax_ptr + s_off, m, mask=mask_g)
-    tl.store(bsum_ptr + s_off, l, mask=mask_g)
+@triton.jit
+def _soft_score_flat_kernel(
+    q_ptr, k_ptr, r2t_ptr, rpi_ptr, seq_ptr, act_ptr,
+    p_ptr, bmax_ptr, bsum_ptr,
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t,
+    stride_pb, stride_ph, stride_sb, stride_sh,
+    batch, c_max, n_init, n_local, scale_log2,
+    NUM_KV: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Variant "flat": a persistent grid walks the work list of all real tiles.
+
+    Work item ``t`` = (tile ``t // NUM_KV`` of the concatenated rows, kv head ``t % NUM_KV``);
+    program ``i`` takes items ``i, i + P, i + 2P, ...``. Only active rows' real blocks are in
+    the list, so a static C far above the real lengths costs nothing.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows = tl.arange(0, B_PAD)
+    in_batch = rows < batch
+    seq = tl.load(seq_ptr + rows, mask=in_batch, other=0).to(tl.int32)
+    act = tl.load(act_ptr + rows, mask=in_batch, other=0).to(tl.int32)
+    cnt = tl.minimum(tl.maximum(seq - n_init - n_local, 0), c_max)
+    tiles = tl.where(act != 0, tl.cdiv(cnt, BLOCK_N), 0)
+    ends = tl.cumsum(tiles, axis=0)  # tile index where each row's tiles end
+    firsts = ends - tiles
+    total = tl.sum(tiles, axis=0) * NUM_KV
+    for t in tl.range(pid, total, nprog, num_stages=STAGES):
+        tile = t // NUM_KV
+        kv_head = t % NUM_KV
+        b = tl.sum((ends <= tile).to(tl.int32), axis=0)  # the row holding this tile
+        sel = rows == b
+        blk = tile - tl.sum(tl.where(sel, firsts, 0), axis=0)
+        count = tl.sum(tl.where(sel, cnt, 0), axis=0)
+        row = tl.load(rpi_ptr + b).to(tl.int64)
+        _score_tile(q_ptr, k_ptr, r2t_ptr, p_ptr, bmax_ptr, bsum_ptr,
+                    b, row, kv_head, blk, count,
+                    stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t,
+                    stride_pb, stride_ph, stride_sb, stride_sh, n_init, scale_log2,
+                    GROUP, G_PAD, HEAD_DIM, BLOCK_N, DOT_F32)
 
 
 @triton.jit
 def _lse_kernel(
-    bmax_ptr, bsum_ptr, lse_ptr, seq_ptr, act_ptr,
-    stride_sb, stride_sh, stride_lb,
+    bmax_ptr, bsum_ptr, lse_ptr, seq_ptr, act_ptr, radix_ptr,
+    stride_sb, stride_sh, stride_lb, stride_rb,
     c_max, n_init, n_local,
-    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ZERO_WORDS: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1)
     if tl.load(act_ptr + b).to(tl.int32) == 0:
         return
+    if ZERO_WORDS > 0:  # fused top-k: clear the row's radix scratch before the vote pass fills it
+        if h == 0:
+            ZB: tl.constexpr = 1024
+            for z0 in tl.static_range(0, ZERO_WORDS, ZB):
+                offs_z = z0 + tl.arange(0, ZB)
+                tl.store(radix_ptr + b.to(tl.int64) * stride_rb + offs_z,
+                         tl.zeros((ZB,), tl.int32), mask=offs_z < ZERO_WORDS)
     count = _candidate_count(seq_ptr, b, n_init, n_local, c_max)
     if count == 0:
         return
@@ -259,7 +368,9 @@ def _soft_vote_kernel(
     p_ptr, bmax_ptr, lse_ptr, seq_ptr, act_ptr, out_ptr,
     stride_pb, stride_ph, stride_sb, stride_sh, stride_lb, stride_ob,
     num_heads, c_max, n_init, n_local,
+    radix_ptr, stride_rb, topk,
     BLOCK_N: tl.constexpr, NSUB: tl.constexpr, H_CHUNK: tl.constexpr,
+    HIST_BITS: tl.constexpr, HIST_SHIFT: tl.constexpr,
 ):
     blk = tl.program_id(0)
     b = tl.program_id(1)
@@ -289,6 +400,16 @@ def _soft_vote_kernel(
         vote += tl.sum(p.to(tl.float32) * factor[:, :, None], axis=0)
     vote = tl.where(offs_j < count, vote, float("-inf"))
     tl.store(out_ptrs, vote, mask=offs_j < c_max)
+    if HIST_BITS > 0:  # fused top-k: the first radix histogram of sparse rows
+        seq_len = tl.load(seq_ptr + b).to(tl.int32)
+        if seq_len > n_init + topk + n_local:
+            BINS: tl.constexpr = 1 << HIST_BITS
+            key = _order_key(tl.reshape(vote, (NSUB * BLOCK_N,)))
+            valid = tl.reshape(offs_j < count, (NSUB * BLOCK_N,))
+            digit = ((key >> HIST_SHIFT) & (BINS - 1)).to(tl.int32)
+            h = tl.histogram(digit, BINS, mask=valid)
+            tl.atomic_add(radix_ptr + b.to(tl.int64) * stride_rb + tl.arange(0, BINS), h,
+                          mask=h > 0, sem="relaxed")
 
 
 @triton.jit
@@ -360,6 +481,11 @@ def vote_scores(
     scale: float,
     vote: str = "soft",
     workspace: VoteWorkspace | None = None,
+    topk: int | None = None,
+    score_variant: str | None = None,
+    score_stages: int | None = None,
+    score_programs_per_sm: int | None = None,
+    score_warps: int | None = None,
 ) -> None:
     """Head vote of every candidate of every active request, written into ``out``.
 
@@ -377,6 +503,12 @@ def vote_scores(
             ``"sum"`` (sum over heads of the scaled raw scores).
         workspace: from :func:`alloc_workspace`; needed by the soft vote. ``None``
             allocates a temporary one per call (fine for tests, wasteful in serving).
+        topk: optional, soft vote with a workspace only: also build the first radix
+            histogram of the top-k in ``workspace.radix`` (no extra launch), so that the
+            next ``topk_positions(..., workspace=workspace, fused_hist=True)`` with the same
+            ``n_init / n_local / topk`` skips its memset and first pass.
+        score_variant, score_stages, score_programs_per_sm, score_warps: tuning of the
+            scoring pass (module defaults ``SCORE_*``); see ``SCORE_VARIANT``.
     """
     batch, num_q_heads, num_kv_heads, head_dim = _check_vote_inputs(
         q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, out
@@ -387,6 +519,8 @@ def vote_scores(
     group = num_q_heads // num_kv_heads
     g_pad = max(16, triton.next_power_of_2(group))
     if vote == "sum":
+        if topk is not None:
+            raise ValueError("the fused top-k histogram (topk=...) needs the soft vote")
         grid = (triton.cdiv(c_max, SCORE_BLOCK_N), batch)
         _sum_vote_kernel[grid](
             q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, out,
@@ -400,35 +534,60 @@ def vote_scores(
     if vote != "soft":
         raise ValueError(f"unknown vote {vote!r}")
 
+    if topk is not None and workspace is None:
+        raise ValueError("the fused top-k histogram (topk=...) needs a workspace")
     ws = workspace if workspace is not None else alloc_workspace(batch, c_max, num_q_heads, q.device)
     ws.check(batch, c_max, num_q_heads)
     p, bmax, bsum, lse = ws.probs, ws.block_max, ws.block_sum, ws.lse
     n_blocks = triton.cdiv(c_max, ws.block_n)
-    if n_blocks > 65535:  # CUDA's grid.y limit
-        raise ValueError(f"{c_max} candidates need a workspace block_n > {ws.block_n}")
-    # KV head fastest: the programs running together read whole slot rows (all heads).
-    _soft_score_kernel[(num_kv_heads, n_blocks, batch)](
+    variant = SCORE_VARIANT if score_variant is None else score_variant
+    warps = score_warps or SCORE_WARPS or (4 if ws.block_n * head_dim <= 8192 else 8)
+    score_args = (
         q, k_buffer, req_to_token, req_pool_indices, seq_lens, active,
         p, bmax, bsum,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
         p.stride(0), p.stride(1), bmax.stride(0), bmax.stride(1),
-        c_max, n_init, n_local, float(scale) * _LOG2E,
-        GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=ws.block_n, DOT_F32=_INTERPRETED,
-        num_warps=4 if ws.block_n * head_dim <= 8192 else 8,
     )
+    if variant == "grid":
+        if n_blocks > 65535:  # CUDA's grid.y limit
+            raise ValueError(f"{c_max} candidates need a workspace block_n > {ws.block_n}")
+        # KV head fastest: the programs running together read whole slot rows (all heads).
+        _soft_score_kernel[(num_kv_heads, n_blocks, batch)](
+            *score_args, c_max, n_init, n_local, float(scale) * _LOG2E,
+            GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=ws.block_n,
+            DOT_F32=_INTERPRETED, num_warps=warps,
+        )
+    elif variant == "flat":
+        per_sm = score_programs_per_sm or SCORE_PROGRAMS_PER_SM
+        # Static grid: from the device and the static shapes only, never from seq_lens.
+        programs = min(per_sm * _num_sms(q.device), num_kv_heads * n_blocks * batch)
+        _soft_score_flat_kernel[(programs,)](
+            *score_args, batch, c_max, n_init, n_local, float(scale) * _LOG2E,
+            NUM_KV=num_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=ws.block_n,
+            B_PAD=max(2, triton.next_power_of_2(batch)),
+            STAGES=score_stages or SCORE_STAGES, DOT_F32=_INTERPRETED, num_warps=warps,
+        )
+    else:
+        raise ValueError(f"unknown score_variant {variant!r}")
+    bits = ws.radix_bits
+    radix = ws.radix
+    fused = topk is not None
     _lse_kernel[(num_q_heads, batch)](
-        bmax, bsum, lse, seq_lens, active,
-        bmax.stride(0), bmax.stride(1), lse.stride(0),
+        bmax, bsum, lse, seq_lens, active, radix,
+        bmax.stride(0), bmax.stride(1), lse.stride(0), radix.stride(0),
         c_max, n_init, n_local,
-        BLOCK_N=ws.block_n, BLOCK_S=LSE_BLOCK_S, num_warps=4,
+        BLOCK_N=ws.block_n, BLOCK_S=LSE_BLOCK_S,
+        ZERO_WORDS=_radix_passes(bits) * (1 << bits) + 2 if fused else 0, num_warps=4,
     )
     nsub = max(1, VOTE_BLOCK // ws.block_n)
     _soft_vote_kernel[(triton.cdiv(c_max, nsub * ws.block_n), batch)](
         p, bmax, lse, seq_lens, active, out,
         p.stride(0), p.stride(1), bmax.stride(0), bmax.stride(1), lse.stride(0), out.stride(0),
         num_q_heads, c_max, n_init, n_local,
+        radix, radix.stride(0), topk if fused else 0,
         BLOCK_N=ws.block_n, NSUB=nsub,
-        H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)), num_warps=8,
+        H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
+        HIST_BITS=bits if fused else 0, HIST_SHIFT=max(32 - bits, 0), num_warps=8,
     )
 
 
@@ -465,7 +624,10 @@ def _radix_prefix(hist_ptr, k, NUM_PASSES: tl.constexpr, BINS: tl.constexpr, BIT
         at_least = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # values with digit >= bin
         digit = tl.max(tl.where(at_least >= k_rem, bins, -1), axis=0)
         k_rem -= tl.sum(tl.where(bins > digit, h, 0), axis=0)
-        prefix = prefix | (digit.to(tl.uint32) << (32 - BITS * (p + 1)))
+        # The last digit of a width that does not divide 32 starts at bit 0 and overlaps the
+        # previous digit's low bits; those are fixed by the prefix already, so OR is exact.
+        shift = tl.maximum(tl.full((), 32 - BITS * (p + 1), tl.int32), 0).to(tl.uint32)
+        prefix = prefix | (digit.to(tl.uint32) << shift)
     return prefix, k_rem
 
 
@@ -474,7 +636,7 @@ def _radix_hist_kernel(
     votes_ptr, seq_ptr, act_ptr, radix_ptr,
     stride_vb, stride_rb,
     c_max, n_init, n_local, topk,
-    PASS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+    PASS: tl.constexpr, BITS: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     blk = tl.program_id(0)
     b = tl.program_id(1)
@@ -486,7 +648,7 @@ def _radix_hist_kernel(
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < count
     key = _order_key(tl.load(votes_ptr + b.to(tl.int64) * stride_vb + offs, mask=valid, other=0.0))
-    digit = ((key >> (32 - BITS * (PASS + 1))) & (BINS - 1)).to(tl.int32)
+    digit = ((key >> SHIFT) & (BINS - 1)).to(tl.int32)
     if PASS > 0:
         prefix, _ = _radix_prefix(hist_ptr, topk, PASS, BINS, BITS)
         high = 32 - BITS * PASS
@@ -552,6 +714,7 @@ def topk_positions(
     topk: int,
     workspace: VoteWorkspace | None = None,
     sort: bool = False,
+    fused_hist: bool = False,
 ) -> None:
     """Positions of the ``topk`` largest votes of every active sparse request.
 
@@ -567,6 +730,10 @@ def topk_positions(
             ``None`` allocates a small temporary.
         sort: sort each written row ascending (one extra launch; makes the output
             deterministic, as the compaction's order depends on scheduling).
+        fused_hist: the soft ``vote_scores`` that wrote ``votes`` got the same
+            ``workspace`` and ``topk=topk``, so its first radix histogram is ready in the
+            workspace: skip the memset and the first pass (needs ``workspace``).
+    Digit width: ``workspace.radix_bits`` (module ``RADIX_BITS`` without a workspace).
     """
     if votes.dtype != torch.float32 or votes.dim() != 2 or votes.stride(-1) != 1:
         raise ValueError("votes must be float32 [B, C] with contiguous rows")
@@ -575,17 +742,22 @@ def topk_positions(
         raise ValueError(f"out must be int32 [{batch}, {topk}] with contiguous rows")
     if batch == 0 or c_max == 0:
         return
-    radix = _radix_scratch(workspace, batch, votes.device)
+    if fused_hist and workspace is None:
+        raise ValueError("fused_hist needs the workspace given to vote_scores(topk=...)")
+    bits = workspace.radix_bits if workspace is not None else RADIX_BITS
+    passes = _radix_passes(bits)
+    radix = _radix_scratch(workspace, batch, votes.device, zero=not fused_hist)
     grid = (triton.cdiv(c_max, TOPK_BLOCK), batch)
     args = (c_max, n_init, n_local, topk)
-    for pass_idx in range(RADIX_PASSES):
+    for pass_idx in range(1 if fused_hist else 0, passes):
         _radix_hist_kernel[grid](
             votes, seq_lens, active, radix, votes.stride(0), radix.stride(0), *args,
-            PASS=pass_idx, BITS=RADIX_BITS, BLOCK=TOPK_BLOCK, num_warps=8,
+            PASS=pass_idx, BITS=bits, SHIFT=max(32 - bits * (pass_idx + 1), 0),
+            BLOCK=TOPK_BLOCK, num_warps=8,
         )
     _radix_compact_kernel[grid](
         votes, seq_lens, active, radix, out, votes.stride(0), radix.stride(0), out.stride(0), *args,
-        PASSES=RADIX_PASSES, BITS=RADIX_BITS, BLOCK=TOPK_BLOCK, num_warps=8,
+        PASSES=passes, BITS=bits, BLOCK=TOPK_BLOCK, num_warps=8,
     )
     if sort:
         _sort_rows_kernel[(batch,)](
@@ -607,24 +779,24 @@ def _assemble_kernel(
 ):
     blk = tl.program_id(0)
     b = tl.program_id(1)
+    # Independent loads first, so that they overlap: the chain is then
+    # seq_lens -> positions -> req_to_token -> store (L2 is cold in a decode step).
     seq_len = tl.load(seq_ptr + b).to(tl.int32)
+    row = tl.load(rpi_ptr + b).to(tl.int64)
+    start = tl.load(indptr_ptr + b).to(tl.int64)
     budget = n_init + topk + n_local
     n_out = tl.minimum(seq_len, budget)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     if blk * BLOCK >= n_out:
         return
     mask = offs < n_out
-    if seq_len > budget:
-        in_topk = (offs >= n_init) & (offs < n_init + topk)
-        chosen = tl.load(pos_ptr + b.to(tl.int64) * stride_pos + (offs - n_init),
-                         mask=mask & in_topk, other=0)
-        local = seq_len - n_local + (offs - n_init - topk)
-        pos = tl.where(offs < n_init, offs, tl.where(in_topk, chosen, local))
-    else:
-        pos = offs
-    row = tl.load(rpi_ptr + b).to(tl.int64)
+    sparse = seq_len > budget
+    in_topk = (offs >= n_init) & (offs < n_init + topk)
+    chosen = tl.load(pos_ptr + b.to(tl.int64) * stride_pos + (offs - n_init),
+                     mask=mask & in_topk & sparse, other=0)
+    local = seq_len - n_local + (offs - n_init - topk)
+    pos = tl.where(sparse, tl.where(offs < n_init, offs, tl.where(in_topk, chosen, local)), offs)
     slots = tl.load(r2t_ptr + row * stride_r2t + pos, mask=mask, other=0)
-    start = tl.load(indptr_ptr + b).to(tl.int64)
     tl.store(kv_ptr + start + offs, slots, mask=mask)
 
 
