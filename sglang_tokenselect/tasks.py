@@ -17,9 +17,15 @@ with ``add_special_tokens=False`` (the template already holds the special tokens
 
 ``token_length`` is within 1% of the asked length (usually within a few tokens) and the
 needle's first token sits at ``depth * token_length`` (``needle_depth`` reports the value
-reached), except where the prompt's own framing makes that impossible: at depth 0 the
+reached; within a few tokens for the filler tasks, within ~1.5% of the length for ``kv``,
+whose JSON pairs are ~70 tokens each), except where the prompt's own framing makes that impossible: at depth 0 the
 needle opens the haystack (after the template and the instruction), at depth 1 it closes
 it (before the question); ``haystack_token_span`` gives those limits.
+
+The pass-key and multi-key questions carry a one-sentence answer-format hint by default
+(``hint=False`` drops it): without it SmolLM2-135M answers "What is the pass key?" with a
+made-up definition unless the needle is near the end; with it, dense attention read the
+key right on 30 of 32 random 2K prompts (depths anywhere in [0, 1]) in our runs.
 
 Scoring (:func:`score_answer`) is exact match: the expected answer must appear in the
 stripped output, not glued to further letters or digits (so ``714321`` does not count as
@@ -50,8 +56,7 @@ PASSKEY_INSTRUCTION = (
 )
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
-# Answer-format hints (on by default): SmolLM2-135M answers the bare question with a
-# made-up definition of "pass key" unless told what kind of answer is wanted.
+# Answer-format hints (on by default, see the module docstring).
 PASSKEY_HINT = "Answer with the 5-digit number only."
 
 MULTIKEY_INSTRUCTION = (
