@@ -25,9 +25,9 @@ step() {
 for s in "$@"; do
   case $s in
     env) step env bash -c 'nvidia-smi; python3 -c "import torch, triton, sglang, flashinfer; print(torch.__version__, triton.__version__, sglang.__version__, flashinfer.__version__, torch.cuda.get_device_name())"' ;;
-    smol-part1) mkdir -p /tmp/smol && cp .gpu/smol1/part00 /tmp/smol/ && echo "part 1 staged" ;;
+    smol-part1) mkdir -p /tmp/smol && cp "${GPU_DIR:-.gpu}/smol1/part00" /tmp/smol/ && echo "part 1 staged" ;;
     smol-part2) cat /tmp/smol/part00 .gpu/smol2/part01 >"$GGUF" && rm /tmp/smol/part00 \
-                  && echo "$(cat .gpu/smol2/sha256)  $GGUF" | sha256sum -c ;;
+                  && echo "$(cat "${GPU_DIR:-.gpu}/smol2/sha256")  $GGUF" | sha256sum -c ;;
     gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py ;;
     select) step select python3 benchmarks/bench_select.py --out "$OUT/select.json" --plot ;;
     select-quick) step select python3 benchmarks/bench_select.py --quick --out "$OUT/select.json" --plot ;;

@@ -272,7 +272,7 @@ def _flashinfer_backend_class():
                 seq_lens_cpu = forward_batch.seq_lens_cpu
                 longest = int(seq_lens_cpu.max()) if seq_lens_cpu is not None else self.max_context_len
                 scratch = self._scratch(bs, max(longest - cfg.n_init - cfg.n_local, 1), forward_batch.seq_lens.device)
-                self._bind_planned_step(scratch)
+                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], scratch)
 
         def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
@@ -291,13 +291,13 @@ def _flashinfer_backend_class():
             if forward_batch.forward_mode.is_decode():
                 bs = forward_batch.batch_size
                 scratch = self.ts_graph_scratch
-                self._bind_planned_step(dict(
+                self._bind_planned_step(self.decode_cuda_graph_metadata[bs][0], dict(
                     votes=scratch["votes"][:bs],
                     workspace=_workspace_rows(scratch["workspace"], bs),
                 ))
 
-        def _bind_planned_step(self, scratch: dict) -> None:
-            wrapper = self.forward_metadata.decode_wrappers[0]
+        def _bind_planned_step(self, wrapper, scratch: dict) -> None:
+            """Point this step's selection at the index buffers FlashInfer was just planned with."""
             bs = scratch["votes"].shape[0]
             self.ts_step = DecodeStep(
                 kv_indptr=wrapper._paged_kv_indptr_buf[: bs + 1],

