@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ON the offline GPU host, from the repository root, after ../shared/gpu's four install
 # chunks put SGLang 0.5.17 into /tmp/site (see benchmarks/README.md). Writes under $OUT.
-#   bash benchmarks/gpu_session.sh STEP [STEP ...]
+#   bash benchmarks/gpu_session.sh STEP [STEP ...]   (GPU_DIR: the carried .gpu folder, default .gpu)
 # Steps: env, smol-part1, smol-part2, gputests, select, select-quick, e2e, e2e-quick, accuracy
 set -uo pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
@@ -26,7 +26,7 @@ for s in "$@"; do
   case $s in
     env) step env bash -c 'nvidia-smi; python3 -c "import torch, triton, sglang, flashinfer; print(torch.__version__, triton.__version__, sglang.__version__, flashinfer.__version__, torch.cuda.get_device_name())"' ;;
     smol-part1) mkdir -p /tmp/smol && cp "${GPU_DIR:-.gpu}/smol1/part00" /tmp/smol/ && echo "part 1 staged" ;;
-    smol-part2) cat /tmp/smol/part00 .gpu/smol2/part01 >"$GGUF" && rm /tmp/smol/part00 \
+    smol-part2) cat /tmp/smol/part00 "${GPU_DIR:-.gpu}/smol2/part01" >"$GGUF" && rm /tmp/smol/part00 \
                   && echo "$(cat "${GPU_DIR:-.gpu}/smol2/sha256")  $GGUF" | sha256sum -c ;;
     gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py ;;
     select) step select python3 benchmarks/bench_select.py --out "$OUT/select.json" --plot ;;
