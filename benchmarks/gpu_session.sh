@@ -28,7 +28,7 @@ for s in "$@"; do
     smol-part1) mkdir -p /tmp/smol && cp "${GPU_DIR:-.gpu}/smol1/part00" /tmp/smol/ && echo "part 1 staged" ;;
     smol-part2) cat /tmp/smol/part00 "${GPU_DIR:-.gpu}/smol2/part01" >"$GGUF" && rm /tmp/smol/part00 \
                   && echo "$(cat "${GPU_DIR:-.gpu}/smol2/sha256")  $GGUF" | sha256sum -c ;;
-    gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py ;;
+    gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py ${PYTEST_ARGS:-} ;;
     select) step select python3 benchmarks/bench_select.py --out "$OUT/select.json" --plot ;;
     select-quick) step select python3 benchmarks/bench_select.py --quick --out "$OUT/select.json" --plot ;;
     # flashinfer (its default decode CUDA graphs) and tokenselect; kept in /tmp for e2e-nocg
@@ -38,7 +38,7 @@ for s in "$@"; do
     e2e-nocg) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --backends flashinfer@nocg \
            --compare-with /tmp/e2e_prev/e2e.json --time-budget "${E2E_BUDGET:-540}" ;;
     e2e-quick) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --quick ;;
-    accuracy) step accuracy python3 benchmarks/accuracy_gpu.py --gguf "$GGUF" --out-dir "$OUT" ;;
+    accuracy) step accuracy python3 benchmarks/accuracy_gpu.py --gguf "$GGUF" --out-dir "$OUT" --time-budget "${ACC_BUDGET:-540}" ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done
