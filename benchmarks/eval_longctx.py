@@ -10,7 +10,11 @@ tokenizer's tokens with its chat template applied, which is what a server runnin
 converted SmolLM2 sees), sends each as one user message to ``/v1/chat/completions``
 (temperature 0, ``--max-tokens``) from a thread pool, scores the reply by exact match and
 writes a JSON (one record per cell: task, length, depth, seed, correct, answer, expected,
-...) and optionally a PNG heatmap of accuracy over length x depth, one panel per task.
+token_length, ...) and optionally a PNG heatmap of accuracy over length x depth, one panel per task.
+
+A length that leaves no room for the answer within the server's context (8192 for
+SmolLM2, which SGLang reports as ``max_model_len``) is cut to ``context - max_tokens - 1``
+prompt tokens; the cell keeps the asked length and records the real ``token_length``.
 
 Only the standard library is used for HTTP. Compare labels by running the script once
 against a dense server and once against ``--attention-backend tokenselect``.
@@ -53,13 +57,13 @@ def _v1(base_url: str, path: str) -> str:
     return base + path
 
 
-def discover_model(base_url: str, *, timeout: float = 30.0, api_key: Optional[str] = None) -> str:
-    """The first model id listed by ``/v1/models``."""
+def discover_model(base_url: str, *, timeout: float = 30.0, api_key: Optional[str] = None) -> tuple[str, Optional[int]]:
+    """The first model listed by ``/v1/models``: its id and ``max_model_len`` (None if absent)."""
     out = _request(_v1(base_url, "/models"), None, timeout=timeout, api_key=api_key)
     models = out.get("data") or []
     if not models:
         raise RuntimeError(f"{base_url}: /v1/models lists no model")
-    return models[0]["id"]
+    return models[0]["id"], models[0].get("max_model_len")
 
 
 def chat_completion(
@@ -105,15 +109,24 @@ def parse_depths(text: str) -> list[float]:
 
 
 def build_samples(tokenizer, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
-                  samples: int = 1, seed: int = 0) -> list:
+                  samples: int = 1, seed: int = 0, max_prompt: Optional[int] = None) -> list:
+    """One sample per (task, length, depth, seed). Lengths above ``max_prompt`` are cut to
+    it (the server rejects prompt + completion beyond its context); the asked length stays
+    in ``sample.extra["asked_length"]`` and labels the cell."""
     from sglang_tokenselect.tasks import make_sample
 
     out = []
-    for task in tasks:
-        for length in lengths:
+    for length in lengths:
+        target = length if max_prompt is None else min(length, max_prompt)
+        if target != length:
+            logger.warning("length %d: prompts cut to %d tokens to leave room for the answer "
+                           "within the server's context", length, target)
+        for task in tasks:
             for depth in depths:
                 for k in range(samples):
-                    out.append(make_sample(task, tokenizer, length, depth, seed + k))
+                    sample = make_sample(task, tokenizer, target, depth, seed + k)
+                    sample.extra["asked_length"] = length
+                    out.append(sample)
     return out
 
 
@@ -143,7 +156,7 @@ def evaluate(
             logger.warning("%s length=%d depth=%.2f failed: %s", sample.task, sample.target_length, sample.depth, error)
         return {
             "task": sample.task,
-            "length": sample.target_length,
+            "length": sample.extra.get("asked_length", sample.target_length),
             "depth": sample.depth,
             "seed": sample.seed,
             "correct": bool(answer is not None and sample.score(answer)),
@@ -242,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", default=None, help="PNG heatmap")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the converted SmolLM2)")
     p.add_argument("--model", default=None, help="model name to send (default: first of /v1/models)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="server context length; prompts are cut to it minus --max-tokens "
+                        "(default: max_model_len from /v1/models; 0: no cut)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -270,8 +286,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         tok_dir = str(ensure_converted())
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = args.model or discover_model(args.base_url, api_key=args.api_key)
-    samples = build_samples(tokenizer, tasks, lengths, depths, args.samples, args.seed)
+    model, served_len = discover_model(args.base_url, api_key=args.api_key)
+    model = args.model or model
+    max_context = served_len if args.max_context is None else (args.max_context or None)
+    max_prompt = max_context - args.max_tokens - 1 if max_context else None
+    samples = build_samples(tokenizer, tasks, lengths, depths, args.samples, args.seed, max_prompt)
     logger.info("%d prompts for %s (model %s)", len(samples), args.base_url, model)
     t0 = time.perf_counter()
     results = evaluate(samples, args.base_url, model, concurrency=args.concurrency,
@@ -282,6 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "label": args.label,
         "base_url": args.base_url,
         "model": model,
+        "max_context": max_context,
         "tokenizer": tok_dir,
         "tasks": tasks,
         "lengths": lengths,

@@ -178,7 +178,8 @@ def _oracle(prompt: str) -> str:
 
 
 class _FakeServer:
-    def __init__(self):
+    def __init__(self, max_model_len=None):
+        self.max_model_len = max_model_len
         self.requests: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -199,7 +200,8 @@ class _FakeServer:
 
             def do_GET(self):
                 if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": "fake-smollm2", "object": "model"}]})
+                    self._send(200, {"object": "list", "data": [
+                        {"id": "fake-smollm2", "object": "model", "max_model_len": outer.max_model_len}]})
                 else:
                     self._send(404, {"error": "not found"})
 
@@ -238,15 +240,17 @@ def test_eval_longctx_against_fake_server(tmp_path, model_dir, rng):
     ev = _load_eval_module()
     seed = rng.randrange(10**6)
     out, png = tmp_path / "res.json", tmp_path / "res.png"
-    with _FakeServer() as server:
+    # Like SGLang, the fake reports its context: 2048-token cells must leave room for the answer.
+    with _FakeServer(max_model_len=2048) as server:
         rc = ev.main([
             "--base-url", server.url, "--tasks", "passkey,multikey,kv", "--lengths", "1024,2048",
             "--depths", "3", "--seed", str(seed), "--label", "fake", "--out", str(out),
             "--heatmap", str(png), "--tokenizer", str(model_dir), "--concurrency", "8", "--no-progress",
+            "--max-tokens", "40",
         ])
     assert rc == 0
     doc = json.loads(out.read_text())
-    assert doc["label"] == "fake" and doc["model"] == "fake-smollm2"
+    assert doc["label"] == "fake" and doc["model"] == "fake-smollm2" and doc["max_context"] == 2048
     cells = doc["results"]
     assert len(cells) == 3 * 2 * 3 == len(server.requests)
     assert {(c["task"], c["length"], c["depth"]) for c in cells} == {
@@ -255,13 +259,14 @@ def test_eval_longctx_against_fake_server(tmp_path, model_dir, rng):
     for c in cells:
         assert set(c) >= {"task", "length", "depth", "correct", "answer", "expected"}
         assert c["error"] is None
-        assert abs(c["token_length"] - c["length"]) <= 0.01 * c["length"]
+        target = min(c["length"], 2048 - 40 - 1)
+        assert abs(c["token_length"] - target) <= 0.01 * target
         # The fake reads kv wrongly (first pair), which is right only when the asked pair is first.
         assert c["correct"] == (c["task"] != "kv" or c["depth"] == 0.0), c
         assert (c["expected"] in c["answer"]) == c["correct"]
     assert doc["summary"]["per_task"] == {"passkey": 1.0, "multikey": 1.0, "kv": pytest.approx(1 / 3)}
     for req in server.requests:
-        assert req["temperature"] == 0 and 0 < req["max_tokens"] <= 64
+        assert req["temperature"] == 0 and req["max_tokens"] == 40
         assert req["model"] == "fake-smollm2" and req["messages"][-1]["role"] == "user"
     assert server.max_in_flight > 1  # the thread pool really runs requests concurrently
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
