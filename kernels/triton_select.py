@@ -538,10 +538,23 @@ def vote_scores(
         raise ValueError("the fused top-k histogram (topk=...) needs a workspace")
     ws = workspace if workspace is not None else alloc_workspace(batch, c_max, num_q_heads, q.device)
     ws.check(batch, c_max, num_q_heads)
-    p, bmax, bsum, lse = ws.probs, ws.block_max, ws.block_sum, ws.lse
+    _soft_pass1(q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, c_max, ws,
+                n_init=n_init, n_local=n_local, scale=scale, variant=score_variant,
+                stages=score_stages, programs_per_sm=score_programs_per_sm, warps=score_warps)
+    _soft_combine(seq_lens, active, out, ws, n_init=n_init, n_local=n_local, topk=topk)
+
+
+def _soft_pass1(q, k_buffer, req_to_token, req_pool_indices, seq_lens, active, c_max, ws, *,
+                n_init, n_local, scale, variant=None, stages=None, programs_per_sm=None, warps=None):
+    """Scoring pass 1 of the soft vote (the K read); the benchmark times it alone."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buffer.shape[1]
+    group = num_q_heads // num_kv_heads
+    g_pad = max(16, triton.next_power_of_2(group))
+    p, bmax, bsum = ws.probs, ws.block_max, ws.block_sum
     n_blocks = triton.cdiv(c_max, ws.block_n)
-    variant = SCORE_VARIANT if score_variant is None else score_variant
-    warps = score_warps or SCORE_WARPS or (4 if ws.block_n * head_dim <= 8192 else 8)
+    variant = SCORE_VARIANT if variant is None else variant
+    warps = warps or SCORE_WARPS or (4 if ws.block_n * head_dim <= 8192 else 8)
     score_args = (
         q, k_buffer, req_to_token, req_pool_indices, seq_lens, active,
         p, bmax, bsum,
@@ -558,17 +571,24 @@ def vote_scores(
             DOT_F32=_INTERPRETED, num_warps=warps,
         )
     elif variant == "flat":
-        per_sm = score_programs_per_sm or SCORE_PROGRAMS_PER_SM
+        per_sm = programs_per_sm or SCORE_PROGRAMS_PER_SM
         # Static grid: from the device and the static shapes only, never from seq_lens.
         programs = min(per_sm * _num_sms(q.device), num_kv_heads * n_blocks * batch)
         _soft_score_flat_kernel[(programs,)](
             *score_args, batch, c_max, n_init, n_local, float(scale) * _LOG2E,
             NUM_KV=num_kv_heads, GROUP=group, G_PAD=g_pad, HEAD_DIM=head_dim, BLOCK_N=ws.block_n,
             B_PAD=max(2, triton.next_power_of_2(batch)),
-            STAGES=score_stages or SCORE_STAGES, DOT_F32=_INTERPRETED, num_warps=warps,
+            STAGES=stages or SCORE_STAGES, DOT_F32=_INTERPRETED, num_warps=warps,
         )
     else:
         raise ValueError(f"unknown score_variant {variant!r}")
+
+
+def _soft_combine(seq_lens, active, out, ws, *, n_init, n_local, topk=None):
+    """Passes 2 and 3 of the soft vote (and the fused first radix histogram)."""
+    batch, c_max = out.shape
+    num_q_heads = ws.probs.shape[1]
+    p, bmax, bsum, lse = ws.probs, ws.block_max, ws.block_sum, ws.lse
     bits = ws.radix_bits
     radix = ws.radix
     fused = topk is not None

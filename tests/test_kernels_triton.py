@@ -333,3 +333,98 @@ def test_pipeline_end_to_end():
     sel = set(kv_indices[: int(kv_indptr[1])].tolist())
     assert set(inputs["req_to_token"][row0, :N_INIT].tolist()) <= sel
     assert set(inputs["req_to_token"][row0, 500 - N_LOCAL : 500].tolist()) <= sel
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@pytest.mark.parametrize("variant,block_n,programs", [("grid", 64, None), ("flat", 16, 1),
+                                                     ("flat", 64, 3), ("flat", 32, 64)])
+def test_score_variants_match_reference(variant, block_n, programs):
+    """Every scoring variant: random inputs, inactive rows untouched, a static C well past
+    the longest row (-inf columns), few programs (each walks many tiles) or many."""
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    lens = [260, 5, BUDGET + 1, 97, 700, 20]
+    active = torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.int32)
+    inputs = make_batch(seed, lens, num_kv_heads=3, group=4, head_dim=64, dtype=torch.bfloat16,
+                        active=active)
+    c_max = c_max_of(lens) + 3 * block_n + 1  # static C: blocks with no candidates at all
+    ws = ts.alloc_workspace(8, c_max + 40, 12, "cpu", block_n=block_n)
+    out = torch.full((len(lens), c_max), POISON)
+    ts.vote_scores(**inputs, out=out, n_init=N_INIT, n_local=N_LOCAL, scale=0.125, workspace=ws,
+                   score_variant=variant, score_programs_per_sm=programs)
+    ref_in = {k: v for k, v in inputs.items() if k != "active"}
+    expected = ref.vote_scores_reference(**ref_in, n_init=N_INIT, n_local=N_LOCAL, scale=0.125,
+                                         max_candidates=c_max)
+    check_votes(out, expected, active, torch.full_like(out, POISON))
+
+
+def test_flat_scoring_all_inactive_is_noop():
+    lens = [300, 200]
+    inputs = make_batch(77, lens, num_kv_heads=2, group=2, head_dim=64, dtype=torch.float16,
+                        active=torch.zeros(2, dtype=torch.bool))
+    ws = ts.alloc_workspace(2, 400, 4, "cpu")
+    ws.probs.fill_(float("nan"))
+    out = torch.full((2, 400), POISON)
+    ts.vote_scores(**inputs, out=out, n_init=N_INIT, n_local=N_LOCAL, scale=0.1, workspace=ws,
+                   score_variant="flat")
+    assert out.isnan().all() and ws.probs.isnan().all(), "inactive rows must not be touched"
+
+
+@pytest.mark.parametrize("bits", [8, 11])
+def test_topk_radix_bits_exact(bits):
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    lens = [BUDGET + 1, 4700, 97, 260, 20]
+    active = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
+    c_max = c_max_of(lens) + 2000  # static C past every row
+    votes = torch.randn(len(lens), c_max, generator=gen) * torch.rand(len(lens), 1, generator=gen) * 3
+    votes[2, :10] = votes[2, 10:20]  # some exact ties
+    ws = ts.alloc_workspace(8, c_max, 1, "cpu", radix_bits=bits)
+    ws.radix.fill_(12345)  # the memset must clear stale scratch
+    out = run_topk(votes, lens, active, TOPK, workspace=ws)
+    check_topk_rows(out, votes, lens, active, TOPK, exact=False)
+    tied = torch.randint(0, 7, (len(lens), c_max), generator=gen).float()
+    out = run_topk(tied, lens, active, 64, workspace=ws)
+    check_topk_rows(out, tied, lens, active, 64, exact=False)
+
+
+@pytest.mark.parametrize("bits,variant", [(8, "flat"), (11, "grid")])
+def test_fused_first_histogram_pipeline(bits, variant):
+    """vote_scores(topk=...) builds the first radix histogram; topk_positions(fused_hist=True)
+    then gives the same selection as the unfused path, on stale scratch and inactive rows."""
+    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    lens = [600, BUDGET + 1, 33, 450, 2100]
+    active = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
+    inputs = make_batch(seed, lens, num_kv_heads=2, group=4, head_dim=64, dtype=torch.bfloat16,
+                        active=active)
+    c_max = c_max_of(lens) + 100
+    topk = 48
+    ws = ts.alloc_workspace(8, c_max, 8, "cpu", radix_bits=bits)
+    ws.radix.fill_(-999)  # stale scratch: the lse pass must clear the fused rows
+    votes = torch.full((len(lens), c_max), POISON)
+    ts.vote_scores(**inputs, out=votes, n_init=N_INIT, n_local=N_LOCAL, scale=0.125, workspace=ws,
+                   topk=topk, score_variant=variant)
+    fused = torch.full((len(lens), topk), -7, dtype=torch.int32)
+    ts.topk_positions(votes, inputs["seq_lens"], active, fused, n_init=N_INIT, n_local=N_LOCAL,
+                      topk=topk, workspace=ws, fused_hist=True)
+    check_topk_rows(fused, votes.nan_to_num(float("-inf")), lens, active, topk, exact=False)
+    plain = run_topk(votes, lens, active, topk)
+    for b in range(len(lens)):
+        assert set(fused[b].tolist()) == set(plain[b].tolist()) or (
+            votes[b, fused[b].long() - N_INIT].sort().values.equal(
+                votes[b, plain[b].long() - N_INIT].sort().values)), f"row {b}"
+
+
+def test_fused_hist_needs_workspace_and_soft_vote():
+    inputs = make_batch(5, [100], num_kv_heads=1, group=1, head_dim=64, dtype=torch.float16)
+    out = torch.empty(1, 100)
+    with pytest.raises(ValueError):
+        ts.vote_scores(**inputs, out=out, n_init=N_INIT, n_local=N_LOCAL, scale=1.0, topk=TOPK)
+    with pytest.raises(ValueError):
+        ts.vote_scores(**inputs, out=out, n_init=N_INIT, n_local=N_LOCAL, scale=1.0, vote="sum",
+                       topk=TOPK, workspace=ts.alloc_workspace(1, 100, 1, "cpu"))
+    with pytest.raises(ValueError):
+        ts.topk_positions(out, inputs["seq_lens"], inputs["active"],
+                          torch.empty(1, TOPK, dtype=torch.int32), n_init=N_INIT, n_local=N_LOCAL,
+                          topk=TOPK, fused_hist=True)
