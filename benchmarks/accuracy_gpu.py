@@ -29,7 +29,9 @@ import eval_longctx as ev  # noqa: E402
 TASKS = ("passkey", "multikey", "kv")
 N_INIT = 16
 BASE_PORT = 31000
-SERVER_FLAGS = ["--mem-fraction-static", "0.06", "--max-running-requests", "16",
+# Several servers share the GPU: a fixed KV pool each (SGLang sizes it from the memory free
+# at its start, which the others are filling at the same time).
+SERVER_FLAGS = ["--mem-fraction-static", "0.5", "--max-total-tokens", "140000", "--max-running-requests", "16",
                 "--cuda-graph-max-bs-decode", "16", "--disable-prefill-cuda-graph", "--host", "127.0.0.1"]
 
 
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="2048,4096,6144,8000")
     ap.add_argument("--depths", default="5")
     ap.add_argument("--time-budget", type=float, default=560)
+    ap.add_argument("--resume", default=None, help="an earlier accuracy.json: keep its complete runs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[acc %(asctime)s] %(message)s")
     deadline = e2e.Budget(args.time_budget)
@@ -120,19 +123,26 @@ def main(argv=None) -> int:
     def save():
         (out_dir / "accuracy.json").write_text(json.dumps(results, indent=1))
 
-    dense = {"dense": (start("dense", str(model), BASE_PORT, [], out_dir), BASE_PORT)}
-    try:
-        all_samples = [s for L in lengths for s in samples[L]]
-        got = run_group(dense, all_samples, str(model), deadline)
-        results["runs"]["dense"] = {"flags": [], "cells": got["dense"]}
-    finally:
-        stop_all(dense)
-    save()
+    if args.resume:
+        results["runs"] = _complete_cells(json.loads(Path(args.resume).read_text())["runs"], len(TASKS) * len(depths))
+        results["resumed_from"] = args.resume
+    if "dense" not in results["runs"]:
+        dense = {"dense": (start("dense", str(model), BASE_PORT, [], out_dir), BASE_PORT)}
+        try:
+            all_samples = [s for L in lengths for s in samples[L]]
+            got = run_group(dense, all_samples, str(model), deadline)
+            results["runs"]["dense"] = {"flags": [], "cells": got["dense"]}
+        finally:
+            stop_all(dense)
+        save()
     for L in lengths:
         if deadline.remaining() < 60:
             results.setdefault("skipped", []).append(L)
             continue
-        configs = tokenselect_configs(L, first=L == lengths[0])
+        configs = {label: flags for label, flags in tokenselect_configs(L, first=L == lengths[0]).items()
+                   if not _has_length(results["runs"].get(label), L)}
+        if not configs:
+            continue
         group = {label: (start(label, str(model), BASE_PORT + 1 + i, flags, out_dir), BASE_PORT + 1 + i)
                  for i, (label, flags) in enumerate(configs.items())}
         try:
@@ -153,6 +163,24 @@ def main(argv=None) -> int:
     os.system(f"tar czf {out_dir / 'accuracy_servers.tgz'} -C {logs} . && rm -rf {logs}")
     print(format_summary(results["summary"]))
     return 0
+
+
+def _complete_cells(runs: dict, per_length: int) -> dict:
+    """Keep, per run, the lengths whose cells all came back without error."""
+    kept = {}
+    for label, run in runs.items():
+        cells = [c for c in run["cells"] if "task" in c and not c.get("error")]
+        counts: dict[int, int] = {}
+        for c in cells:
+            counts[c["length"]] = counts.get(c["length"], 0) + 1
+        good = {L for L, n in counts.items() if n == per_length}
+        if good:
+            kept[label] = {"flags": run["flags"], "cells": [c for c in cells if c["length"] in good]}
+    return kept
+
+
+def _has_length(run, length: int) -> bool:
+    return bool(run) and any(c.get("length") == length for c in run["cells"])
 
 
 def summarize(results: dict) -> dict:
