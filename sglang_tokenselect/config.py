@@ -19,8 +19,8 @@ class TokenSelectConfig:
         n_local: trailing tokens always attended, the current token included.
         topk: critical tokens chosen among positions ``[n_init, L - n_local)``.
         cache_threshold: Selection Cache reuse threshold on the cosine between the
-            current and the cached query (all heads flattened). 1.0 disables reuse
-            of anything but bit-identical queries; >1 is rejected.
+            current and the cached query (all heads flattened). 1.0 turns the cache
+            off (every step selects afresh); values outside [0, 1] are rejected.
         score_scale: ``c`` in ``softmax(c * q.k)``; ``None`` means the layer's own
             attention scale (1/sqrt(d) for most models).
         vote: ``"soft"`` = head soft vote (sum over heads of per-head softmax, the
