@@ -374,7 +374,7 @@ def make_multikey(
 # Separators between JSON entries and their token cost relative to ", " (SmolLM2's BPE
 # merges '","' into one token and spends one more on a newline); used to fine-tune length
 # and needle position a token at a time without touching the content.
-_SEP_SHORT, _SEP, _SEP_LONG = ",", ", ", ",\n"
+_SEP_SHORT, _SEP, _SEP_LONG, _SEP_LONGER = ",", ", ", ",\n", ",\n\n"  # -1, 0, +1, +2 tokens
 
 
 def _build_kv(prefix, suffix, pairs, needle, i, seps):
@@ -396,12 +396,19 @@ def _build_kv(prefix, suffix, pairs, needle, i, seps):
 
 
 def _seps_for(n_sep: int, i: int, before: int, after: int) -> list[str]:
-    """Separators: ``before`` of the i ones before the needle and ``after`` of the others changed."""
+    """Separators of the ``i`` gaps before the needle and of the others, lengthened by ``before``
+    and ``after`` tokens in all (shortened where negative); a gap gives -1 to +2 tokens."""
     seps = [_SEP] * n_sep
     for count, lo, hi in ((before, 0, i), (after, i, n_sep)):
-        sep = _SEP_LONG if count > 0 else _SEP_SHORT
-        for s in _even_slots(abs(count), hi - lo):
-            seps[lo + s] = sep
+        slots = hi - lo
+        if count < 0:
+            for s in _even_slots(-count, slots):
+                seps[lo + s] = _SEP_SHORT
+            continue
+        doubles = max(0, count - slots)
+        for sep, k in ((_SEP_LONG, count - doubles), (_SEP_LONGER, doubles)):
+            for s in _even_slots(k, slots):
+                seps[lo + s] = sep
     return seps
 
 
@@ -451,10 +458,10 @@ def make_kv(tokenizer, length: int, depth: float, seed: int = 0, *, chat_templat
     # Fine: separators, one token at a time, around the best few (n, i).
     def solve(n, i, want_b, want_t):
         """Separator changes (before, after) closest to the wanted needle shift and total."""
-        b = max(-i, min(i, want_b))
-        a = max(-(n - i), min(n - i, want_t - b))
+        b = max(-i, min(2 * i, want_b))
+        a = max(-(n - i), min(2 * (n - i), want_t - b))
         if b + a != want_t:  # the total comes first: give up some needle shift
-            b = max(-i, min(i, want_t - a))
+            b = max(-i, min(2 * i, want_t - a))
         return b, a
 
     best = None
