@@ -125,23 +125,27 @@ class TokenSelectDecodeMixin:
         return self.ts_selector.cache
 
     def _plan_decode_step(self, forward_batch: "ForwardBatch") -> None:
-        """Allocate this step's buffers, sized for this batch (eager decode)."""
+        """Allocate this step's buffers, sized for this batch (eager decode, CPU path)."""
         cfg = self.ts_config
-        seq_lens_cpu = forward_batch.seq_lens_cpu
-        if seq_lens_cpu is None:  # not on SGLang's scheduler path; costs one sync
-            seq_lens_cpu = forward_batch.seq_lens.cpu()
-        bs = seq_lens_cpu.shape[0]
+        seq_lens_cpu = _seq_lens_cpu(forward_batch)
         device = forward_batch.seq_lens.device
-        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        kv_indptr = torch.zeros(seq_lens_cpu.shape[0] + 1, dtype=torch.int32, device=device)
         kv_indptr[1:] = torch.cumsum(forward_batch.seq_lens.clamp(max=cfg.budget), 0)
         total = int(seq_lens_cpu.clamp(max=cfg.budget).sum())
-        max_candidates = max(int(seq_lens_cpu.max()) - cfg.n_init - cfg.n_local, 1) if bs else 1
         self.ts_step = DecodeStep(
             kv_indptr=kv_indptr,
             kv_indices=torch.empty(total, dtype=torch.int32, device=device),
-            **self._scratch(bs, max_candidates, device),
+            **self._batch_scratch(forward_batch),
         )
         self._count_decode_step()
+
+    def _batch_scratch(self, forward_batch: "ForwardBatch") -> dict:
+        """Votes and workspace sized for this batch's longest request (eager decode)."""
+        seq_lens_cpu = _seq_lens_cpu(forward_batch)
+        cfg = self.ts_config
+        longest = int(seq_lens_cpu.max()) if seq_lens_cpu.numel() else 0
+        candidates = max(longest - cfg.n_init - cfg.n_local, 1)
+        return self._scratch(seq_lens_cpu.shape[0], candidates, forward_batch.seq_lens.device)
 
     def _scratch(self, bs: int, max_candidates: int, device) -> dict:
         return dict(
@@ -188,6 +192,13 @@ class TokenSelectDecodeMixin:
             self.ts_decode_steps, selections, counts["hits"], counts["misses"], counts["dense"], hit_rate,
         )
         return counts
+
+
+def _seq_lens_cpu(forward_batch: "ForwardBatch") -> torch.Tensor:
+    """SGLang's host copy of the lengths; a sync only off its scheduler path (tests)."""
+    if forward_batch.seq_lens_cpu is not None:
+        return forward_batch.seq_lens_cpu
+    return forward_batch.seq_lens.cpu()
 
 
 class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
@@ -267,12 +278,7 @@ def _flashinfer_backend_class():
                 self._forget_extended_rows(forward_batch)
             super().init_forward_metadata(forward_batch)
             if forward_batch.forward_mode.is_decode():
-                bs = forward_batch.batch_size
-                cfg = self.ts_config
-                seq_lens_cpu = forward_batch.seq_lens_cpu
-                longest = int(seq_lens_cpu.max()) if seq_lens_cpu is not None else self.max_context_len
-                scratch = self._scratch(bs, max(longest - cfg.n_init - cfg.n_local, 1), forward_batch.seq_lens.device)
-                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], scratch)
+                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], self._batch_scratch(forward_batch))
 
         def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
