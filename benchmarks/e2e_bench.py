@@ -47,7 +47,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 try:  # optional dependency
     import requests as _requests  # type: ignore
@@ -245,18 +245,7 @@ class HttpClient:
             try:
                 if r.status_code != 200:
                     raise HttpError(f"HTTP {r.status_code}: {r.text[:500]}")
-                done = False
-                for raw in r.iter_lines(chunk_size=None, decode_unicode=False):
-                    # after [DONE], read on to the end of the body so the
-                    # connection closes cleanly (no reset on the server side)
-                    ev = None if done else _parse_sse_line(raw)
-                    if ev is _SSE_DONE:
-                        done = True
-                        continue
-                    if ev is not None:
-                        yield time.perf_counter(), ev
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise HttpError("stream deadline exceeded")
+                yield from _sse_events(r.iter_lines(chunk_size=None, decode_unicode=False), deadline)
             finally:
                 r.close()
             return
@@ -270,22 +259,28 @@ class HttpClient:
         except urllib.error.HTTPError as e:
             raise HttpError(f"HTTP {e.code}: {e.read()[:500]!r}") from None
         with resp:
-            done = False
-            while True:
-                raw = resp.readline()
-                if not raw:
-                    return
-                ev = None if done else _parse_sse_line(raw)
-                if ev is _SSE_DONE:
-                    done = True
-                    continue
-                if ev is not None:
-                    yield time.perf_counter(), ev
-                if deadline is not None and time.monotonic() > deadline:
-                    raise HttpError("stream deadline exceeded")
+            yield from _sse_events(iter(resp.readline, b""), deadline)
 
 
 _SSE_DONE = object()
+
+
+def _sse_events(lines: Iterable[Any], deadline: Optional[float]) -> Iterator[Tuple[float, Dict[str, Any]]]:
+    """``(perf_counter_time, event)`` for each SSE ``data:`` line of ``lines``.
+
+    After ``[DONE]`` the rest of the body is still read, so the connection closes cleanly
+    (no reset on the server side).
+    """
+    done = False
+    for raw in lines:
+        ev = None if done else _parse_sse_line(raw)
+        if ev is _SSE_DONE:
+            done = True
+            continue
+        if ev is not None:
+            yield time.perf_counter(), ev
+        if deadline is not None and time.monotonic() > deadline:
+            raise HttpError("stream deadline exceeded")
 
 
 def _parse_sse_line(raw: Any) -> Any:
