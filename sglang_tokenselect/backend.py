@@ -124,21 +124,6 @@ class TokenSelectDecodeMixin:
     def selection_cache(self) -> SelectionCache:
         return self.ts_selector.cache
 
-    def _plan_decode_step(self, forward_batch: "ForwardBatch") -> None:
-        """Allocate this step's buffers, sized for this batch (eager decode, CPU path)."""
-        cfg = self.ts_config
-        seq_lens_cpu = _seq_lens_cpu(forward_batch)
-        device = forward_batch.seq_lens.device
-        kv_indptr = torch.zeros(seq_lens_cpu.shape[0] + 1, dtype=torch.int32, device=device)
-        kv_indptr[1:] = torch.cumsum(forward_batch.seq_lens.clamp(max=cfg.budget), 0)
-        total = int(seq_lens_cpu.clamp(max=cfg.budget).sum())
-        self.ts_step = DecodeStep(
-            kv_indptr=kv_indptr,
-            kv_indices=torch.empty(total, dtype=torch.int32, device=device),
-            **self._batch_scratch(forward_batch),
-        )
-        self._count_decode_step()
-
     def _batch_scratch(self, forward_batch: "ForwardBatch") -> dict:
         """Votes and workspace sized for this batch's longest request (eager decode)."""
         seq_lens_cpu = _seq_lens_cpu(forward_batch)
@@ -215,6 +200,21 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             self._plan_decode_step(forward_batch)
         elif forward_batch.forward_mode.is_extend():
             self._forget_extended_rows(forward_batch)
+
+    def _plan_decode_step(self, forward_batch: "ForwardBatch") -> None:
+        """Allocate this step's buffers, sized for this batch (eager decode)."""
+        cfg = self.ts_config
+        seq_lens_cpu = _seq_lens_cpu(forward_batch)
+        device = forward_batch.seq_lens.device
+        kv_indptr = torch.zeros(seq_lens_cpu.shape[0] + 1, dtype=torch.int32, device=device)
+        kv_indptr[1:] = torch.cumsum(forward_batch.seq_lens.clamp(max=cfg.budget), 0)
+        total = int(seq_lens_cpu.clamp(max=cfg.budget).sum())
+        self.ts_step = DecodeStep(
+            kv_indptr=kv_indptr,
+            kv_indices=torch.empty(total, dtype=torch.int32, device=device),
+            **self._batch_scratch(forward_batch),
+        )
+        self._count_decode_step()
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True):
@@ -322,22 +322,23 @@ def _flashinfer_backend_class():
     return TokenSelectFlashInferBackend
 
 
+def _workspace_tensors(workspace) -> dict[str, torch.Tensor]:
+    """The tensor fields of a Triton vote workspace (none for the references' None)."""
+    if workspace is None:
+        return {}
+    return {f.name: getattr(workspace, f.name) for f in dataclasses.fields(workspace)
+            if isinstance(getattr(workspace, f.name), torch.Tensor)}
+
+
 def _workspace_rows(workspace, bs: int):
     """The first ``bs`` request rows of a Triton vote workspace (None passes through)."""
     if workspace is None:
         return None
-    return dataclasses.replace(
-        workspace,
-        **{f.name: getattr(workspace, f.name)[:bs] for f in dataclasses.fields(workspace)
-           if isinstance(getattr(workspace, f.name), torch.Tensor)},
-    )
+    return dataclasses.replace(workspace, **{k: t[:bs] for k, t in _workspace_tensors(workspace).items()})
 
 
 def _scratch_bytes(scratch: dict) -> int:
-    tensors = [scratch["votes"]]
-    if scratch["workspace"] is not None:
-        ws = scratch["workspace"]
-        tensors += [getattr(ws, f.name) for f in dataclasses.fields(ws) if isinstance(getattr(ws, f.name), torch.Tensor)]
+    tensors = [scratch["votes"], *_workspace_tensors(scratch["workspace"]).values()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
