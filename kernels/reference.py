@@ -158,6 +158,15 @@ def assemble_kv_indices_reference(
         kv_indices[start : start + pos.numel()] = req_to_token[row, pos].to(kv_indices.dtype)
 
 
+COUNTERS = ("hits", "misses", "dense", "overflow")  # Selection Cache counters, in this order
+
+
+def check_threshold(threshold: float) -> None:
+    """Selection Cache thresholds live in [-1, 1]: -1 always reuses, 1 never does."""
+    if not -1.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"cache threshold must be in [-1, 1], got {threshold!r}")
+
+
 def selection_cache_hits_reference(
     q_flat: torch.Tensor, cached_q: torch.Tensor, cached_valid: torch.Tensor, threshold: float
 ) -> torch.Tensor:
@@ -165,12 +174,92 @@ def selection_cache_hits_reference(
 
     Args:
         q_flat, cached_q: [B, H_q * D]; cached_valid: [B] bool.
-    A threshold of 1.0 or more never hits (the cache is off).
+    A threshold of 1 never hits (every step selects); -1 always hits a valid selection (a
+    request selects once, then reuses: static selection).
     """
+    check_threshold(threshold)
     if threshold >= 1.0:
         return torch.zeros_like(cached_valid, dtype=torch.bool)
-    cos = torch.nn.functional.cosine_similarity(q_flat.float(), cached_q.float(), dim=-1, eps=1e-6)
+    if threshold <= -1.0:
+        return cached_valid.clone()
+    a, c = q_flat.float(), cached_q.float()
+    cos = (a * c).sum(-1) / ((a * a).sum(-1) * (c * c).sum(-1)).sqrt().clamp_min(1e-6)
     return cached_valid & (cos >= threshold)
+
+
+def fitting_misses(seq_lens: torch.Tensor, miss: torch.Tensor, *, n_init: int, n_local: int,
+                   capacity: int | None, block_n: int = 64) -> torch.Tensor:
+    """[B] bool: miss rows whose candidates fit the scratch when the miss rows' candidates are
+    laid end to end in batch order, each rounded up to whole blocks of ``block_n``."""
+    if capacity is None:
+        return miss.clone()
+    need = torch.where(miss, -(-candidate_counts(seq_lens, n_init, n_local) // block_n) * block_n, 0)
+    return miss & (torch.cumsum(need, 0) <= capacity)
+
+
+def decode_select_reference(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    cache_query: torch.Tensor,
+    cache_positions: torch.Tensor,
+    cache_valid: torch.Tensor,
+    counters: torch.Tensor,
+    *,
+    n_init: int,
+    n_local: int,
+    topk: int,
+    threshold: float,
+    scale: float,
+    vote: str = "soft",
+    capacity: int | None = None,
+    block_n: int = 64,
+) -> None:
+    """One layer's TokenSelect decode step, the specification of ``triton_select.decode_select``.
+
+    Per request (L = its length, budget = n_init + topk + n_local):
+    - L <= budget, *dense*: attends positions 0..L-1; counted as dense unless L <= 1 (CUDA
+      graph padding). The cache row is not touched.
+    - a valid cached selection with ``cos(q, cached q) >= threshold`` is a *hit*: attends
+      ``[0, n_init) + cached positions + [L - n_local, L)``.
+    - otherwise a *miss*: the query is cached, the ``topk`` best-voted candidates
+      (``[n_init, L - n_local)``) are selected, cached and marked valid. A miss row whose
+      candidates do not fit ``capacity`` (``fitting_misses``) takes the ``topk`` candidates just
+      before its local window instead, is left invalid and counts as overflow.
+    Args:
+        cache_query [R, H_q * D], cache_positions [R, topk] int32, cache_valid [R] bool: one
+        layer's Selection Cache, updated in place. counters [4] int64 (``COUNTERS``), added to.
+        Other shapes: see the module docstring and ``assemble_kv_indices_reference``.
+    """
+    rows = req_pool_indices.long()
+    sparse = is_sparse(seq_lens, n_init, n_local, topk)
+    hit = selection_cache_hits_reference(q.flatten(1), cache_query[rows], cache_valid[rows], threshold) & sparse
+    miss = sparse & ~hit
+    fits = fitting_misses(seq_lens, miss, n_init=n_init, n_local=n_local, capacity=capacity, block_n=block_n)
+    positions = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
+    for b in range(q.shape[0]):
+        row, length = int(rows[b]), int(seq_lens[b])
+        one = slice(b, b + 1)
+        if hit[b]:
+            positions[b] = cache_positions[row]
+        elif fits[b]:
+            votes = vote_scores_reference(q[one], k_buffer, req_to_token, req_pool_indices[one],
+                                          seq_lens[one], n_init=n_init, n_local=n_local, scale=scale, vote=vote)
+            positions[b] = topk_positions_reference(votes, seq_lens[one], n_init=n_init, n_local=n_local, topk=topk)[0]
+        elif miss[b]:  # no room in the scratch
+            positions[b] = torch.arange(length - n_local - topk, length - n_local, dtype=torch.int32)
+        if miss[b]:
+            cache_query[row] = q[b].flatten().to(cache_query.dtype)
+            cache_positions[row] = positions[b]
+            cache_valid[row] = bool(fits[b])
+    tally = [hit.sum(), miss.sum(), (~sparse & (seq_lens > 1)).sum(), (miss & ~fits).sum()]
+    counters += torch.stack(tally).to(counters)
+    assemble_kv_indices_reference(positions, req_to_token, req_pool_indices, seq_lens, kv_indptr,
+                                  kv_indices, n_init=n_init, n_local=n_local, topk=topk)
 
 
 def paged_decode_attention_reference(

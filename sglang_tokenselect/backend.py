@@ -13,7 +13,6 @@ the last ``n_local`` tokens. Two classes share that logic through ``TokenSelectD
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -77,14 +76,13 @@ def check_runner_supported(model_runner: "ModelRunner") -> None:
 class DecodeStep:
     """Per-step buffers shared by every layer (B = requests in the batch).
 
-    kv_indptr [B + 1] int32; kv_indices [sum of min(L, budget)] int32; votes [B, C] float32;
-    workspace: the selection ops' scratch for [B, C] (None for the references).
+    kv_indptr [B + 1] int32; kv_indices [sum of min(L, budget)] int32; scratch: the selection
+    ops' scratch (one for the backend's lifetime).
     """
 
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
-    votes: torch.Tensor
-    workspace: object = None
+    scratch: object
 
 
 class TokenSelectDecodeMixin:
@@ -110,33 +108,37 @@ class TokenSelectDecodeMixin:
             device=device,
         )
         self.ts_selector = Selector(config, cache, ops or default_ops(device))
+        # Candidates of one layer's miss rows, end to end: at most the token pool, except when
+        # requests of one batch share a radix prefix (then the rows that do not fit overflow).
+        self.ts_capacity = getattr(model_runner, "max_total_num_tokens", None) or pool.size
+        self.ts_scratch = self._alloc_scratch(model_runner.req_to_token_pool.req_to_token.shape[0])
         self.ts_step: Optional[DecodeStep] = None
         self.ts_decode_steps = 0
         logger.info(
             "TokenSelect: n_init=%d topk=%d n_local=%d (budget %d tokens), cache threshold %.3g, "
-            "score scale %s, vote %s; Selection Cache %.1f MB for %d pool rows x %d layers",
+            "score scale %s, vote %s; Selection Cache %.1f MB for %d pool rows x %d layers; "
+            "selection scratch %.1f MB for %d requests and %d candidates per layer",
             config.n_init, config.topk, config.n_local, config.budget, config.cache_threshold,
             "layer" if config.score_scale is None else config.score_scale, config.vote,
             cache.nbytes / 2**20, cache.valid.shape[1], cache.valid.shape[0],
+            self.ts_scratch.nbytes / 2**20, self.ts_scratch.max_batch, self.ts_capacity,
         )
 
     @property
     def selection_cache(self) -> SelectionCache:
         return self.ts_selector.cache
 
-    def _batch_scratch(self, forward_batch: "ForwardBatch") -> dict:
-        """Votes and workspace sized for this batch's longest request (eager decode)."""
-        seq_lens_cpu = _seq_lens_cpu(forward_batch)
-        cfg = self.ts_config
-        longest = int(seq_lens_cpu.max()) if seq_lens_cpu.numel() else 0
-        candidates = max(longest - cfg.n_init - cfg.n_local, 1)
-        return self._scratch(seq_lens_cpu.shape[0], candidates, forward_batch.seq_lens.device)
+    def _alloc_scratch(self, max_batch: int):
+        device = self.selection_cache.valid.device
+        return self.ts_selector.ops.alloc_scratch(max_batch, self.ts_capacity, self.ts_num_heads, device)
 
-    def _scratch(self, bs: int, max_candidates: int, device) -> dict:
-        return dict(
-            votes=torch.empty(bs, max_candidates, dtype=torch.float32, device=device),
-            workspace=self.ts_selector.ops.alloc_workspace(bs, max_candidates, self.ts_num_heads, device),
-        )
+    def _ensure_scratch_rows(self, batch: int) -> None:
+        """Grow the per-request part of the scratch (never while a CUDA graph is captured:
+        the graph state is initialised first, for the largest batch)."""
+        if batch > self.ts_scratch.max_batch:
+            self.ts_scratch = self._alloc_scratch(batch)
+            logger.info("TokenSelect: selection scratch grown to %d requests, %.1f MB",
+                        batch, self.ts_scratch.nbytes / 2**20)
 
     def _forget_extended_rows(self, forward_batch: "ForwardBatch") -> None:
         # Every request runs an extend before its first decode, both a new owner of a
@@ -156,9 +158,8 @@ class TokenSelectDecodeMixin:
             forward_batch.seq_lens,
             step.kv_indptr,
             step.kv_indices,
-            step.votes,
             self.ts_config.scale_for(layer.scaling),
-            step.workspace,
+            step.scratch,
         )
         return step
 
@@ -173,8 +174,9 @@ class TokenSelectDecodeMixin:
         selections = counts["hits"] + counts["misses"]
         hit_rate = counts["hits"] / selections if selections else 0.0
         logger.info(
-            "TokenSelect stats: decode_steps=%d selections=%d hits=%d misses=%d dense=%d hit_rate=%.4f",
-            self.ts_decode_steps, selections, counts["hits"], counts["misses"], counts["dense"], hit_rate,
+            "TokenSelect stats: decode_steps=%d selections=%d hits=%d misses=%d dense=%d overflow=%d "
+            "hit_rate=%.4f", self.ts_decode_steps, selections, counts["hits"], counts["misses"],
+            counts["dense"], counts["overflow"], hit_rate,
         )
         return counts
 
@@ -209,10 +211,11 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
         kv_indptr = torch.zeros(seq_lens_cpu.shape[0] + 1, dtype=torch.int32, device=device)
         kv_indptr[1:] = torch.cumsum(forward_batch.seq_lens.clamp(max=cfg.budget), 0)
         total = int(seq_lens_cpu.clamp(max=cfg.budget).sum())
+        self._ensure_scratch_rows(seq_lens_cpu.shape[0])
         self.ts_step = DecodeStep(
             kv_indptr=kv_indptr,
             kv_indices=torch.empty(total, dtype=torch.int32, device=device),
-            **self._batch_scratch(forward_batch),
+            scratch=self.ts_scratch,
         )
         self._count_decode_step()
 
@@ -244,9 +247,8 @@ def _flashinfer_backend_class():
 
         Every decode plan, eager or for a CUDA graph, goes through SGLang's decode indices
         updater, which this class makes plan ``min(L, budget)`` tokens per request. Each
-        layer then overwrites the planned index buffer with its selection. Under decode CUDA
-        graphs the scratch buffers are static, sized for the largest captured batch and the
-        model's context length.
+        layer then overwrites the planned index buffer with its selection. One selection
+        scratch, sized by the token pool, serves eager decode and every captured batch size.
         """
 
         def __init__(self, model_runner: "ModelRunner", config: TokenSelectConfig,
@@ -256,7 +258,6 @@ def _flashinfer_backend_class():
             )
             self._init_tokenselect(model_runner, config, stats_interval, ops)
             self._plan_budget_lengths()
-            self.ts_graph_scratch: Optional[dict] = None
 
         def _plan_budget_lengths(self) -> None:
             updater, budget = self.indices_updater_decode, self.ts_config.budget
@@ -278,17 +279,12 @@ def _flashinfer_backend_class():
                 self._forget_extended_rows(forward_batch)
             super().init_forward_metadata(forward_batch)
             if forward_batch.forward_mode.is_decode():
-                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], self._batch_scratch(forward_batch))
+                self._ensure_scratch_rows(forward_batch.batch_size)
+                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], forward_batch.batch_size)
 
         def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
-            cfg = self.ts_config
-            candidates = max(self.max_context_len - cfg.n_init - cfg.n_local, 1)
-            self.ts_graph_scratch = self._scratch(max_bs, candidates, "cuda")
-            logger.info(
-                "TokenSelect: decode CUDA graph scratch for %d requests x %d candidates: %.1f MB",
-                max_bs, candidates, _scratch_bytes(self.ts_graph_scratch) / 2**20,
-            )
+            self._ensure_scratch_rows(max_bs)
 
         def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False):
             if forward_batch.forward_mode.is_extend():
@@ -296,19 +292,14 @@ def _flashinfer_backend_class():
             super().init_forward_metadata_out_graph(forward_batch, in_capture)
             if forward_batch.forward_mode.is_decode():
                 bs = forward_batch.batch_size
-                scratch = self.ts_graph_scratch
-                self._bind_planned_step(self.decode_cuda_graph_metadata[bs][0], dict(
-                    votes=scratch["votes"][:bs],
-                    workspace=_workspace_rows(scratch["workspace"], bs),
-                ))
+                self._bind_planned_step(self.decode_cuda_graph_metadata[bs][0], bs)
 
-        def _bind_planned_step(self, wrapper, scratch: dict) -> None:
+        def _bind_planned_step(self, wrapper, bs: int) -> None:
             """Point this step's selection at the index buffers FlashInfer was just planned with."""
-            bs = scratch["votes"].shape[0]
             self.ts_step = DecodeStep(
                 kv_indptr=wrapper._paged_kv_indptr_buf[: bs + 1],
                 kv_indices=wrapper._paged_kv_indices_buf,
-                **scratch,
+                scratch=self.ts_scratch,
             )
             self._count_decode_step()
 
@@ -320,26 +311,6 @@ def _flashinfer_backend_class():
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
 
     return TokenSelectFlashInferBackend
-
-
-def _workspace_tensors(workspace) -> dict[str, torch.Tensor]:
-    """The tensor fields of a Triton vote workspace (none for the references' None)."""
-    if workspace is None:
-        return {}
-    return {f.name: getattr(workspace, f.name) for f in dataclasses.fields(workspace)
-            if isinstance(getattr(workspace, f.name), torch.Tensor)}
-
-
-def _workspace_rows(workspace, bs: int):
-    """The first ``bs`` request rows of a Triton vote workspace (None passes through)."""
-    if workspace is None:
-        return None
-    return dataclasses.replace(workspace, **{k: t[:bs] for k, t in _workspace_tensors(workspace).items()})
-
-
-def _scratch_bytes(scratch: dict) -> int:
-    tensors = [scratch["votes"], *_workspace_tensors(scratch["workspace"]).values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def create_tokenselect_backend(model_runner: "ModelRunner"):

@@ -19,8 +19,10 @@ class TokenSelectConfig:
         n_local: trailing tokens always attended, the current token included.
         topk: critical tokens chosen among positions ``[n_init, L - n_local)``.
         cache_threshold: Selection Cache reuse threshold on the cosine between the
-            current and the cached query (all heads flattened). 1.0 turns the cache
-            off (every step selects afresh); values outside [0, 1] are rejected.
+            current and the cached query (all heads flattened), in [-1, 1]. 1 turns the
+            cache off (every step selects afresh); -1 selects once per request and reuses
+            that selection for the rest of it (static selection, the bound of what the cache
+            can save).
         score_scale: ``c`` in ``softmax(c * q.k)``; ``None`` means the layer's own
             attention scale (1/sqrt(d) for most models).
         vote: ``"soft"`` = head soft vote (sum over heads of per-head softmax, the
@@ -63,10 +65,10 @@ def validate_config(cfg: TokenSelectConfig) -> None:
     if not isinstance(cfg.topk, int) or cfg.topk < 1:
         raise ValueError(f"--tokenselect-topk must be an integer >= 1, got {cfg.topk!r}")
     th = cfg.cache_threshold
-    if not isinstance(th, (int, float)) or math.isnan(th) or not 0.0 <= th <= 1.0:
+    if not isinstance(th, (int, float)) or math.isnan(th) or not -1.0 <= th <= 1.0:
         raise ValueError(
-            f"--tokenselect-cache-threshold must be in [0, 1] (1.0 turns the "
-            f"Selection Cache off), got {th!r}"
+            f"--tokenselect-cache-threshold must be in [-1, 1] (1 selects at every step, "
+            f"-1 selects once per request), got {th!r}"
         )
     sc = cfg.score_scale
     if sc is not None and (

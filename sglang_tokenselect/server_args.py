@@ -24,10 +24,6 @@ STATS_ATTR = "_tokenselect_stats_interval"
 # Selection Cache memory is ~ (H_q*D*2 + topk*4) bytes per layer per pool row: cap the pool
 # when the user gave no --max-running-requests (32 MB per 64 rows for Llama-3-8B).
 DEFAULT_MAX_RUNNING_REQUESTS = 256
-# Decode CUDA graphs keep static selection scratch per captured request: ~(4 + 2*H_q) bytes
-# per candidate (264 MB for 32 requests of a 128K-context, 32-head model). Larger batches
-# run eagerly.
-MAX_DECODE_GRAPH_BS = 32
 
 _DEFAULTS = TokenSelectConfig()
 
@@ -50,11 +46,12 @@ def _threshold(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--tokenselect-cache-threshold must be a number in [0, 1], got {text!r}"
+            f"--tokenselect-cache-threshold must be a number in [-1, 1], got {text!r}"
         ) from None
-    if not 0.0 <= value <= 1.0:
+    if not -1.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(
-            f"--tokenselect-cache-threshold must be in [0, 1] (1.0 turns the Selection Cache off), got {value}"
+            "--tokenselect-cache-threshold must be in [-1, 1] (1 selects at every step, "
+            f"-1 selects once per request), got {value}"
         )
     return value
 
@@ -83,7 +80,8 @@ def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
                        default=_DEFAULTS.topk, help="Critical tokens selected per layer and request.")
     group.add_argument("--tokenselect-cache-threshold", type=_threshold,
                        default=_DEFAULTS.cache_threshold,
-                       help="Selection Cache: reuse the last selection while cos(q, q_cached) >= this; 1.0 = off.")
+                       help="Selection Cache: reuse the last selection while cos(q, q_cached) >= this, in [-1, 1]; "
+                            "1 = select at every step, -1 = select once per request (static).")
     group.add_argument("--tokenselect-score-scale", type=_score_scale, default=_DEFAULTS.score_scale,
                        help="c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
                             "(the layer's attention scale).")
@@ -136,21 +134,9 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
 
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
     """tokenselect's defaults, set where SGLang resolves other backends' (args still
-    writable): decode CUDA graphs up to MAX_DECODE_GRAPH_BS requests, and a bounded
-    request pool for the Selection Cache."""
-    from sglang.srt.model_executor.cuda_graph_config import Backend
-
+    writable): a bounded request pool for the Selection Cache."""
     if BACKEND_NAME not in server_args._resolved_attention_backends():
         return result
-    decode = server_args.cuda_graph_config.decode
-    if decode.backend != Backend.DISABLED and (decode.max_bs or 0) > MAX_DECODE_GRAPH_BS:
-        decode.max_bs = MAX_DECODE_GRAPH_BS
-        if decode.bs:
-            decode.bs = [b for b in decode.bs if b <= MAX_DECODE_GRAPH_BS]
-        logger.info(
-            "TokenSelect: decode CUDA graphs capture batches up to %d requests (static "
-            "selection scratch per request); larger batches run eagerly.", MAX_DECODE_GRAPH_BS,
-        )
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info(
@@ -196,3 +182,13 @@ def check_server_args_supported(server_args: Any) -> None:
         )
     if getattr(server_args, "enable_dp_attention", False):
         raise ValueError("--attention-backend tokenselect does not support --enable-dp-attention.")
+    # In these modes a pool row can change owner without an extend, which is where the
+    # Selection Cache forgets a row's selections: a new request would reuse its predecessor's.
+    if getattr(server_args, "disaggregation_mode", "null") == "decode":
+        raise ValueError(
+            "--attention-backend tokenselect does not support --disaggregation-mode decode "
+            "(requests start decoding without an extend on this server)."
+        )
+    for flag in ("enable_two_batch_overlap", "enable_pdmux"):
+        if getattr(server_args, flag, False):
+            raise ValueError(f"--attention-backend tokenselect does not support --{flag.replace('_', '-')}.")

@@ -70,7 +70,7 @@ def test_small_budget_decode_equals_independent_reference(heads):
     torch.testing.assert_close(actual[:2], dense[:2], atol=ATOL, rtol=RTOL)  # L = 6, 14: dense
     for row in (3, 4):  # L = 41, 91 keep 14 tokens (L = 15 drops one: may stay close)
         assert (actual[row] - dense[row]).abs().max() > ATOL, f"row {row} should differ from dense"
-    assert backend.selection_cache.counts() == {"hits": 0, "misses": 3, "dense": 2}
+    assert backend.selection_cache.counts() == {"hits": 0, "misses": 3, "dense": 2, "overflow": 0}
 
 
 def test_score_scale_layer_uses_the_layer_scaling():

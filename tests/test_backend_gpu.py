@@ -49,47 +49,97 @@ def test_small_budget_decode_equals_independent_reference(heads):
     actual = forward(fx, backend)
     expected = expected_tokenselect_decode(fx, **SMALL)
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=f"seed {run.seed}")
-    assert backend.selection_cache.counts() == {"hits": 0, "misses": 3, "dense": 2}
+    assert backend.selection_cache.counts() == {"hits": 0, "misses": 3, "dense": 2, "overflow": 0}
+
+
+class CapturedDecode:
+    """One decode step of the kit's attention module captured in a real CUDA graph for ``bs``
+    requests (contexts of length 1 at capture), ready to replay other batches."""
+
+    def __init__(self, bs: int, config: "TokenSelectConfig", seed: int):
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+        self.gen = torch.Generator().manual_seed(seed)
+        self.fx = build(decode_case((0,) * bs, 8, 2, name=f"graph_capture_{bs}"), seed, device="cuda",
+                        head_dim=64, disable_cuda_graph=False, runner_batch_size=bs).fixture
+        self.backend = type(self.fx.backend)(self.fx.runner, config)
+        self.batch, self.hidden = self.fx.forward_batch, self.fx.input_hidden.clone()
+        self.context = lambda: forward_context(ForwardContext(attn_backend=self.backend))  # noqa: E731
+        with torch.no_grad(), self.context():
+            self.backend.init_cuda_graph_state(max_bs=bs, max_num_tokens=bs)
+            self.backend.init_forward_metadata_out_graph(self.batch, in_capture=True)
+            for _ in range(2):  # warm-up compiles the kernels outside the capture
+                self.fx.actual_module(self.hidden, self.batch)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fx.actual_module(self.hidden, self.batch)
+
+    def load(self, prefix_lens) -> None:
+        """Point the captured batch at new requests with these prefixes (fresh K/V, queries)."""
+        from ts_fixtures import make_batch, write_prefix_kv
+
+        fx = self.fx
+        replay = make_batch(fx, decode_case(prefix_lens, 8, 2, name="graph_replay"))
+        prefixes = [torch.randn(n, self.hidden.shape[1], generator=self.gen).to("cuda", self.hidden.dtype)
+                    for n in prefix_lens]
+        write_prefix_kv(fx, replay, prefixes)
+        for name in ("req_pool_indices", "seq_lens", "out_cache_loc", "positions", "input_ids"):
+            getattr(self.batch, name).copy_(getattr(replay, name))
+        self.batch.seq_lens_cpu.copy_(replay.seq_lens_cpu)
+        self.batch.seq_lens_sum = replay.seq_lens_sum
+        self.hidden.copy_(torch.randn(self.hidden.shape, generator=self.gen).to("cuda", self.hidden.dtype))
+        fx.prefix_hidden = prefixes
+
+    def replay(self) -> torch.Tensor:
+        with torch.no_grad(), self.context():
+            self.backend.init_forward_metadata_out_graph(self.batch)
+            self.graph.replay()
+        torch.cuda.synchronize()
+        return self.out.clone()
+
+    def expected(self, real: int) -> torch.Tensor:
+        fx = self.fx
+        full = fx.prefix_hidden, fx.input_hidden
+        fx.prefix_hidden, fx.input_hidden = fx.prefix_hidden[:real], self.hidden[:real]
+        try:
+            return expected_tokenselect_decode(fx, **SMALL)
+        finally:
+            fx.prefix_hidden, fx.input_hidden = full
 
 
 def test_decode_cuda_graph_replay_equals_independent_reference():
-    """Capture one decode step in a real CUDA graph (bs 4, contexts of length 1), then
-    replay it for 3 real requests (dense, sparse, far past the budget) plus one padded row."""
-    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
-
-    from ts_fixtures import make_batch, write_prefix_kv
-
+    """Replay for 3 real requests (dense, sparse, far past the budget) plus one padded row."""
     seed = fresh_seed()
-    gen = torch.Generator().manual_seed(seed)
-    capture_case = decode_case((0, 0, 0, 0), 8, 2, name="graph_capture")
-    fx = build(capture_case, seed, device="cuda", head_dim=64, disable_cuda_graph=False,
-               runner_batch_size=4).fixture
-    backend = type(fx.backend)(fx.runner, TokenSelectConfig(**SMALL, cache_threshold=1.0))
-    batch = fx.forward_batch
-    hidden = fx.input_hidden.clone()
-    with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
-        backend.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
-        backend.init_forward_metadata_out_graph(batch, in_capture=True)
-        for _ in range(2):  # warm-up compiles the kernels outside the capture
-            fx.actual_module(hidden, batch)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fx.actual_module(hidden, batch)
+    cap = CapturedDecode(4, TokenSelectConfig(**SMALL, cache_threshold=1.0), seed)
+    cap.load((13, 40, 90, 0))
+    out = cap.replay()
+    torch.testing.assert_close(out[:3], cap.expected(3), atol=ATOL, rtol=RTOL, msg=f"seed {seed}")
+    counts = cap.backend.selection_cache.counts()
+    assert counts["misses"] == 2 and counts["hits"] == 0, counts  # the two sparse rows, replay only
 
-        replay_case = decode_case((13, 40, 90, 0), 8, 2, name="graph_replay")
-        replay = make_batch(fx, replay_case)
-        prefixes = [torch.randn(n, hidden.shape[1], generator=gen).to("cuda", hidden.dtype) for n in (13, 40, 90, 0)]
-        write_prefix_kv(fx, replay, prefixes)
-        for name in ("req_pool_indices", "seq_lens", "out_cache_loc", "positions", "input_ids"):
-            getattr(batch, name).copy_(getattr(replay, name))
-        batch.seq_lens_cpu.copy_(replay.seq_lens_cpu)
-        batch.seq_lens_sum = replay.seq_lens_sum
-        hidden.copy_(torch.randn(hidden.shape, generator=gen).to("cuda", hidden.dtype))
-        backend.init_forward_metadata_out_graph(batch)
-        graph.replay()
-        torch.cuda.synchronize()
 
-    fx.prefix_hidden, fx.input_hidden = prefixes[:3], hidden[:3]
-    expected = expected_tokenselect_decode(fx, **SMALL)
-    torch.testing.assert_close(out[:3], expected, atol=ATOL, rtol=RTOL, msg=f"seed {seed}")
-    assert backend.selection_cache.misses.sum().item() == 2  # the two sparse rows, replay only
+def test_decode_cuda_graph_above_32_requests():
+    """40 requests of mixed lengths in one captured graph (the old scratch capped graphs at 32)."""
+    seed = fresh_seed()
+    cap = CapturedDecode(40, TokenSelectConfig(**SMALL, cache_threshold=1.0), seed)
+    lens = torch.randint(0, 120, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
+    cap.load(lens)
+    out = cap.replay()
+    torch.testing.assert_close(out, cap.expected(40), atol=ATOL, rtol=RTOL, msg=f"seed {seed}")
+    sparse = sum(n + 1 > sum(SMALL.values()) for n in lens)
+    assert cap.backend.selection_cache.counts()["misses"] == sparse
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.9])
+def test_decode_cuda_graph_replay_with_selection_cache_hits(threshold):
+    """The same step replayed twice: the second replay hits the cache on every sparse row
+    (static selection at -1; the very same query at 0.9) and gives the same output."""
+    seed = fresh_seed()
+    cap = CapturedDecode(4, TokenSelectConfig(**SMALL, cache_threshold=threshold), seed)
+    cap.load((13, 40, 90, 0))
+    first = cap.replay()
+    torch.testing.assert_close(first[:3], cap.expected(3), atol=ATOL, rtol=RTOL, msg=f"seed {seed}")
+    second = cap.replay()
+    counts = cap.backend.selection_cache.counts()
+    assert counts["misses"] == 2 and counts["hits"] == 2, counts
+    torch.testing.assert_close(second, first, atol=0, rtol=0, msg=f"seed {seed}")

@@ -52,8 +52,9 @@ def test_flags_parse_into_the_config():
         ("--tokenselect-topk", "many", "--tokenselect-topk must be an integer"),
         ("--tokenselect-n-local", "0", "--tokenselect-n-local must be >= 1"),
         ("--tokenselect-n-init", "-1", "--tokenselect-n-init must be >= 0"),
-        ("--tokenselect-cache-threshold", "1.5", "--tokenselect-cache-threshold must be in [0, 1]"),
-        ("--tokenselect-cache-threshold", "-0.1", "--tokenselect-cache-threshold must be in [0, 1]"),
+        ("--tokenselect-cache-threshold", "1.5", "--tokenselect-cache-threshold must be in [-1, 1]"),
+        ("--tokenselect-cache-threshold", "-1.1", "--tokenselect-cache-threshold must be in [-1, 1]"),
+        ("--tokenselect-cache-threshold", "often", "--tokenselect-cache-threshold must be a number"),
         ("--tokenselect-score-scale", "0", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-score-scale", "big", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-vote", "hard", "invalid choice: 'hard'"),
@@ -70,6 +71,7 @@ def test_bad_values_fail_naming_the_option(flag, value, message, capsys):
 @pytest.mark.parametrize("kwargs, field", [
     (dict(topk=0), "--tokenselect-topk"),
     (dict(cache_threshold=float("nan")), "--tokenselect-cache-threshold"),
+    (dict(cache_threshold=-1.5), "--tokenselect-cache-threshold"),
     (dict(n_local=0), "--tokenselect-n-local"),
     (dict(vote="max"), "--tokenselect-vote"),
 ])
@@ -95,15 +97,15 @@ def server_args(model: str, *argv: str) -> ServerArgs:
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *argv])
 
 
-def test_resolution_attaches_config_and_caps_decode_graph_batches(tiny_model):
-    from sglang_tokenselect.server_args import MAX_DECODE_GRAPH_BS
-
+def test_resolution_attaches_config_and_keeps_decode_graph_batches(tiny_model):
+    plain = server_args(tiny_model, "--attention-backend", "flashinfer", "--max-running-requests", "256")
     sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-topk", "96",
                      "--tokenselect-stats-interval", "8")
     assert sa._tokenselect_config == TokenSelectConfig(topk=96)
     assert sa._tokenselect_stats_interval == 8
-    decode = sa.cuda_graph_config.decode
-    assert decode.max_bs <= MAX_DECODE_GRAPH_BS and max(decode.bs or [0]) <= MAX_DECODE_GRAPH_BS
+    # the selection scratch does not grow with the captured batch: SGLang's own choice stands
+    assert sa.cuda_graph_config.decode.max_bs == plain.cuda_graph_config.decode.max_bs
+    assert sa.cuda_graph_config.decode.bs == plain.cuda_graph_config.decode.bs
     assert sa.max_running_requests == 256
     assert sa.page_size in (None, 1)
     explicit = server_args(tiny_model, "--attention-backend", "tokenselect", "--max-running-requests", "7")
@@ -123,10 +125,29 @@ def test_other_backends_are_left_alone(tiny_model):
     (("--page-size", "16"), "--page-size 1"),
     (("--enable-mixed-chunk",), "--enable-mixed-chunk"),
     (("--prefill-attention-backend", "torch_native"), "--prefill-attention-backend"),
+    (("--enable-two-batch-overlap",), "--enable-two-batch-overlap"),
+    (("--enable-pdmux",), "--enable-pdmux"),
 ])
 def test_unsupported_server_options_are_refused_by_name(tiny_model, argv, message):
     with pytest.raises(ValueError, match=message):
         server_args(tiny_model, "--attention-backend", "tokenselect", *argv)
+
+
+def test_decode_only_disaggregation_is_refused_by_name():
+    """A decode-only server starts requests without an extend, where the Selection Cache
+    forgets a pool row's previous owner (checked on the resolved args: the full SGLang
+    resolution of this mode wants a transfer backend)."""
+    from types import SimpleNamespace
+
+    from sglang_tokenselect.server_args import check_server_args_supported
+
+    args = SimpleNamespace(get_attention_backends=lambda: ("tokenselect", "tokenselect"), page_size=1,
+                           speculative_algorithm=None, enable_mixed_chunk=False, kv_cache_dtype="auto",
+                           enable_dp_attention=False, disaggregation_mode="decode")
+    with pytest.raises(ValueError, match="--disaggregation-mode decode"):
+        check_server_args_supported(args)
+    args.disaggregation_mode = "null"
+    check_server_args_supported(args)
 
 
 def test_launch_server_defaults_to_tokenselect():

@@ -37,9 +37,9 @@ class Batch:
         n = int(ref.selected_lens(self.seq_lens, cfg.n_init, cfg.n_local, cfg.topk))
         indptr = torch.tensor([0, n], dtype=torch.int32)
         indices = torch.full((n,), -7, dtype=torch.int32)
-        votes = torch.full((1, max(int(self.seq_lens[0]) - cfg.n_init - cfg.n_local, 1)), float("nan"))
+        scratch = selector.ops.alloc_scratch(1, None, q.shape[0], "cpu")
         selector.select(layer, q[None], self.k_buffer, self.req_to_token, self.rows, self.seq_lens,
-                        indptr, indices, votes, scale=1.0)
+                        indptr, indices, scale=1.0, scratch=scratch)
         assert (indices >= 0).all(), "every kv_indices element must be written"
         slot_to_pos = {int(s): p for p, s in enumerate(self.slots)}
         positions = [slot_to_pos[int(s)] for s in indices]
@@ -108,8 +108,8 @@ def test_cache_hit_reuses_the_cached_positions_with_the_current_local_window():
     assert torch.nn.functional.cosine_similarity(similar.flatten(), q.flatten(), dim=0) > 0.9
     second = batch.select(selector, similar)
     assert second == {0, 1, 10, 20} | set(range(45, 49))  # cached top-k, local window moved on
-    assert selector.cache.counts() == {"hits": 1, "misses": 1, "dense": 0}
-    assert selector.cache.hits[0] == 1 and selector.cache.hits[1] == 0  # counted per layer
+    assert selector.cache.counts() == {"hits": 1, "misses": 1, "dense": 0, "overflow": 0}
+    assert selector.cache.counters[:, 0].tolist() == [1, 0]  # hits, counted per layer
 
 
 def test_cache_miss_recomputes():
@@ -118,20 +118,29 @@ def test_cache_miss_recomputes():
     other = torch.stack([e0, e0, (e0 + e3) / 2**0.5, (e0 + e3) / 2**0.5])  # cos 0.854 to q
     second = batch.select(selector, other)
     assert {30, 35} <= second and not {10, 20} & second
-    assert selector.cache.counts() == {"hits": 0, "misses": 2, "dense": 0}
+    assert selector.cache.counts() == {"hits": 0, "misses": 2, "dense": 0, "overflow": 0}
 
 
 def test_threshold_one_never_hits():
     selector, batch, q = _two_step_setup(threshold=1.0)
     second = batch.select(selector, q.clone())  # the very same query
     assert {30, 35} <= second
-    assert selector.cache.counts() == {"hits": 0, "misses": 2, "dense": 0}
+    assert selector.cache.counts() == {"hits": 0, "misses": 2, "dense": 0, "overflow": 0}
+
+
+def test_threshold_minus_one_reuses_any_valid_selection():
+    """Static selection: after the first miss every step reuses it, however far q moves."""
+    selector, batch, _ = _two_step_setup(threshold=-1.0)
+    opposite = -torch.stack([torch.eye(D)[0] * 10] * 4)  # cos -1 to the cached query
+    second = batch.select(selector, opposite)
+    assert second == {0, 1, 10, 20} | set(range(45, 49))
+    assert selector.cache.counts() == {"hits": 1, "misses": 1, "dense": 0, "overflow": 0}
 
 
 def test_cache_state_is_per_layer_and_per_row():
     selector, batch, q = _two_step_setup(threshold=0.9)
     batch.select(selector, q, layer=1)  # layer 1 has no cached selection yet: a miss
-    assert selector.cache.hits.tolist() == [0, 0] and selector.cache.misses.tolist() == [1, 1]
+    assert selector.cache.counters[:, 0].tolist() == [0, 0] and selector.cache.counters[:, 1].tolist() == [1, 1]
     assert selector.cache.valid[:, 2].all() and not selector.cache.valid[:, [0, 1, 3]].any()
     selector.cache.invalidate_rows(torch.tensor([2]))
     assert not selector.cache.valid.any()

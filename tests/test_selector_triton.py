@@ -19,24 +19,24 @@ LENS = [9, 27, 28, 29, 150, 301]  # below, at, one past the 28-token budget, and
 
 
 def run_two_steps(ops, inputs):
-    """Two decode steps; step 2 perturbs some queries slightly (hits) and redraws others."""
+    """Two decode steps on two layers; step 2 perturbs some queries slightly (hits) and
+    redraws others."""
     q1, q2, k_buffer, req_to_token, rows, lens1, lens2, num_heads = inputs
-    cache = SelectionCache.allocate(num_layers=1, num_rows=req_to_token.shape[0],
+    cache = SelectionCache.allocate(num_layers=2, num_rows=req_to_token.shape[0],
                                     query_width=q1[0].numel(), topk=CFG.topk,
                                     dtype=q1.dtype, device=DEVICE)
     selector = Selector(CFG, cache, ops)
+    scratch = ops.alloc_scratch(len(LENS), 4096, num_heads, DEVICE)
     results = []
     for q, lens in ((q1, lens1), (q2, lens2)):
-        sel = ref.selected_lens(lens, CFG.n_init, CFG.n_local, CFG.topk)
-        indptr = torch.zeros(len(lens) + 1, dtype=torch.int32, device=DEVICE)
-        indptr[1:] = torch.cumsum(sel, 0)
-        indices = torch.full((int(sel.sum()),), -7, dtype=torch.int32, device=DEVICE)
-        cmax = int(lens.max()) - CFG.n_init - CFG.n_local
-        votes = torch.full((len(lens), cmax), float("nan"), device=DEVICE)
-        workspace = ops.alloc_workspace(len(lens), cmax, num_heads, DEVICE)
-        selector.select(0, q, k_buffer, req_to_token, rows, lens, indptr, indices, votes, 1.0, workspace)
-        assert (indices >= 0).all(), "unwritten kv_indices"
-        results.append([set(indices[indptr[b]:indptr[b + 1]].tolist()) for b in range(len(lens))])
+        for layer in range(2):
+            sel = ref.selected_lens(lens, CFG.n_init, CFG.n_local, CFG.topk)
+            indptr = torch.zeros(len(lens) + 1, dtype=torch.int32, device=DEVICE)
+            indptr[1:] = torch.cumsum(sel, 0)
+            indices = torch.full((int(sel.sum()),), -7, dtype=torch.int32, device=DEVICE)
+            selector.select(layer, q, k_buffer, req_to_token, rows, lens, indptr, indices, 1.0, scratch)
+            assert (indices >= 0).all(), "unwritten kv_indices"
+            results.append([set(indices[indptr[b]:indptr[b + 1]].tolist()) for b in range(len(lens))])
     return results, cache.counts()
 
 
@@ -68,12 +68,13 @@ def test_triton_selector_matches_reference_selector(heads, head_dim, dtype):
     fast, fast_counts = run_two_steps(triton_select, inputs)
     slow, slow_counts = run_two_steps(TorchSelectionOps(), inputs)
     assert fast_counts == slow_counts, f"seed {seed}"
-    assert fast_counts["hits"] >= 1 and fast_counts["misses"] >= 3, fast_counts
-    for step in range(2):
+    assert fast_counts["hits"] >= 2 and fast_counts["misses"] >= 6, fast_counts
+    for run in range(4):  # (step, layer)
+        step = run // 2
         for b, length in enumerate(LENS):
-            got, want = fast[step][b], slow[step][b]
-            assert len(got) == len(want), f"seed {seed} step {step} req {b}"
+            got, want = fast[run][b], slow[run][b]
+            assert len(got) == len(want), f"seed {seed} run {run} req {b}"
             if length + step <= CFG.budget:
                 assert got == want, f"dense request differs (seed {seed})"
-            else:  # votes in fp16 workspace vs fp32: near-ties may swap a few picks
-                assert len(got & want) >= len(want) - 2, f"seed {seed} step {step} req {b}"
+            else:  # bf16 probabilities vs fp32: near-ties may swap a few picks
+                assert len(got & want) >= len(want) - 2, f"seed {seed} run {run} req {b}"
