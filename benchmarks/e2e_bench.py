@@ -17,15 +17,30 @@ backend) this script starts an SGLang server on a Llama-3-8B-shaped model with
                    batching); all must finish with 32 tokens
 5. shared_prefix   two requests sharing an 8K prefix; the second must hit the
                    radix cache (``meta_info.cached_tokens`` > 0)
-6. log             server log: TokenSelect Selection Cache stats lines,
+6. throughput      (not run by default) per ``--throughput NxL`` configuration, N
+                   concurrent streaming requests of L prompt tokens: prefill time
+                   and aggregate decode tokens/s in the steady window where all N
+                   requests decode
+7. log             server log: TokenSelect Selection Cache stats lines,
                    Traceback / Error counts
+
+Backend labels: a backend name with optional ``@variant`` suffixes, which add
+server flags: ``@nocg`` (``--disable-cuda-graph``) and, for tokenselect,
+``@t<float>`` (``--tokenselect-cache-threshold=<float>``: ``@t1`` selects at
+every step, ``@t-1`` selects once per request); e.g. ``tokenselect@t0.9@nocg``.
+The label is the key of the backend's results, so several variants coexist in
+one e2e.json and in ``--compare-with`` merges.
 
 Results go to ``<out-dir>/e2e.json`` after every phase (partial results survive
 a timeout) and, with ``--results-json``, to that path too.  Server logs go to
-``<out-dir>/server_<backend>.log``.  The last thing printed is a short table.
+``<out-dir>/server_<backend>.log``; a plot of decode ms/token against context
+to ``<out-dir>/e2e_decode.png`` (``plot_e2e.py``).  The last thing printed is a
+short table.
 
 Everything is bounded by ``--time-budget`` seconds (default 480): phases that
-would not fit are skipped and recorded as skipped.
+would not fit are skipped and recorded as skipped.  A server start may take up
+to ``--server-start-timeout`` (default 480 s: a fresh machine JIT-compiles
+FlashInfer for minutes), as far as that leaves the later backends their minimum.
 """
 
 from __future__ import annotations
@@ -67,7 +82,23 @@ DEFAULT_CORRECTNESS_LENGTHS = "300,1000,2000"
 DEFAULT_TOKENSELECT_ARGS = "--tokenselect-stats-interval 64"
 DEFAULT_COMMON_SERVER_ARGS = "--max-running-requests 16 --chunked-prefill-size 16384"
 DEFAULT_MODEL_DIR = "/tmp/sglang_tokenselect_dummy_llama3_8b"
-ALL_PHASES = ("warmup", "correctness", "long_context", "chat", "batching", "shared_prefix")
+ALL_PHASES = ("warmup", "correctness", "long_context", "chat", "batching", "shared_prefix", "throughput")
+DEFAULT_PHASES = ALL_PHASES[:-1]  # throughput prefills ~1M tokens: only on request
+DEFAULT_THROUGHPUT = "32x24576,64x8192"
+PLOT_NAME = "e2e_decode.png"
+
+# SGLang 0.5.17 refuses --context-length above the model config's length unless this is
+# set (sglang/srt/configs/model_config.py, _derive_context_length); the RoPE cache is then
+# extended to the server's context length (reserve_rope_cache_for_long_sequences).
+ALLOW_LONGER_CONTEXT_ENV = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
+
+# Time planning: every later backend keeps at least this much (a warm server start is
+# ~70 s, plus a few phases) when an earlier server start runs long.
+LATER_BACKEND_MIN_S = 150.0
+FINAL_RESERVE_S = 15.0  # final shutdown + report
+# Conservative prefill rate (tokens/s) of the 8B model on an H200 for 8K-24K prompts,
+# used only to decide whether a throughput configuration still fits the budget.
+THROUGHPUT_PREFILL_TOK_S = 12000.0
 
 # Random prompt ids are drawn from [PROMPT_ID_LO, PROMPT_ID_HI): regular (non
 # special) ids of the dummy tokenizer, whose vocab is the model's 128256.
@@ -471,6 +502,7 @@ def generate_stream(client: HttpClient, input_ids: Sequence[int], max_new_tokens
     rec["_first_token_time"] = summ.get("first_token_time")
     rec["_last_token_time"] = summ.get("last_token_time")
     rec["_t_send"] = t_send
+    rec["_events"] = events
     rec["total_s"] = _round(t_end - t_send, 4)
     rec["completion_tokens"] = _completion_tokens(last) if last else None
     rec["cached_tokens"] = mi.get("cached_tokens")
@@ -645,27 +677,53 @@ def tail_file(path: str, n: int = 30) -> List[str]:
 
 
 BACKEND_VARIANTS = {"nocg": ["--disable-cuda-graph"]}
+THRESHOLD_FLAG = "--tokenselect-cache-threshold"
+_THRESHOLD_RE = re.compile(r"^t([-+]?(?:\d+\.?\d*|\.\d+))$")
+
+
+def variant_args(base: str, variant: str, label: str = "") -> List[str]:
+    """Server flags of one ``@variant`` of backend ``base``.
+
+    ``nocg`` -> ``--disable-cuda-graph``; ``t<float>`` (tokenselect only) ->
+    ``--tokenselect-cache-threshold=<float>`` (the ``=`` form keeps ``-1`` a value).
+    """
+    if variant in BACKEND_VARIANTS:
+        return list(BACKEND_VARIANTS[variant])
+    m = _THRESHOLD_RE.match(variant)
+    if m:
+        if base != "tokenselect":
+            raise ValueError(f"variant {variant!r} in {label!r}: a cache threshold needs the tokenselect backend")
+        return [f"{THRESHOLD_FLAG}={m.group(1)}"]
+    raise ValueError(f"unknown backend variant {variant!r} in {label!r}; known: "
+                     f"{sorted(BACKEND_VARIANTS)} and t<float> (tokenselect cache threshold)")
 
 
 def split_backend(label: str) -> Tuple[str, List[str]]:
-    """``flashinfer@nocg`` -> (``flashinfer``, [``--disable-cuda-graph``])."""
-    base, _, variant = label.partition("@")
-    if not variant:
-        return base, []
-    if variant not in BACKEND_VARIANTS:
-        raise ValueError(f"unknown backend variant {variant!r} in {label!r}; known: {sorted(BACKEND_VARIANTS)}")
-    return base, list(BACKEND_VARIANTS[variant])
+    """``tokenselect@t0.9@nocg`` -> (``tokenselect``, [threshold flag, ``--disable-cuda-graph``])."""
+    base, *variants = label.split("@")
+    if not base:
+        raise ValueError(f"backend label {label!r} has no backend name")
+    args: List[str] = []
+    for v in variants:
+        args += variant_args(base, v, label)
+    return base, args
+
+
+def server_env(context_length: Optional[int]) -> Dict[str, str]:
+    """Extra environment of every server: a ``--context-length`` may exceed the model config's."""
+    return {ALLOW_LONGER_CONTEXT_ENV: "1"} if context_length else {}
 
 
 def build_server_cmd(label: str, model_dir: str, host: str, port: int, python: str,
                      common_args: str, extra_args: str, tokenselect_args: str,
-                     template: Optional[str] = None) -> List[str]:
+                     template: Optional[str] = None, context_length: Optional[int] = None) -> List[str]:
     """Command line of one server.  ``template`` (tests) replaces the launcher.
 
-    ``label`` is a backend name, optionally with a variant: ``flashinfer@nocg``
-    adds ``--disable-cuda-graph``.
+    Order: launcher, model/host/port, ``common_args``, ``--context-length``, the
+    tokenselect args (tokenselect only), the label's variant flags (so ``@t0.9``
+    wins over a threshold in ``tokenselect_args``), ``extra_args``.
     """
-    backend, variant_args = split_backend(label)
+    backend, var_args = split_backend(label)
     if template:
         cmd = shlex.split(template.format(python=python, backend=backend, model=model_dir,
                                           host=host, port=port))
@@ -677,11 +735,28 @@ def build_server_cmd(label: str, model_dir: str, host: str, port: int, python: s
         cmd += ["--model-path", model_dir, "--load-format", "dummy",
                 "--host", host, "--port", str(port)]
     cmd += shlex.split(common_args or "")
-    cmd += variant_args
+    if context_length:
+        cmd += ["--context-length", str(int(context_length))]
     if backend == "tokenselect":
         cmd += shlex.split(tokenselect_args or "")
+    cmd += var_args
     cmd += shlex.split(extra_args or "")
     return cmd
+
+
+def with_min_running_requests(server_args: str, n: int) -> str:
+    """``server_args`` with ``--max-running-requests`` raised to at least ``n``."""
+    parts = shlex.split(server_args or "")
+    for i, a in enumerate(parts):
+        if a == "--max-running-requests" and i + 1 < len(parts):
+            if int(parts[i + 1]) < n:
+                parts[i + 1] = str(n)
+            return shlex.join(parts)
+        if a.startswith("--max-running-requests="):
+            if int(a.split("=", 1)[1]) < n:
+                parts[i] = f"--max-running-requests={n}"
+            return shlex.join(parts)
+    return shlex.join(parts + ["--max-running-requests", str(n)])
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -900,20 +975,24 @@ def phase_chat(client: HttpClient, cfg: "BenchConfig", budget: Budget) -> Dict[s
     return chat_once(client, timeout=budget.timeout(60.0))
 
 
-def phase_batching(client: HttpClient, cfg: "BenchConfig", budget: Budget) -> Dict[str, Any]:
-    lengths = list(cfg.batch_lengths)
-    n_new = cfg.batch_new_tokens
-    results: List[Optional[Dict[str, Any]]] = [None] * len(lengths)
-    barrier = threading.Barrier(len(lengths)) if lengths else None
-    timeout = budget.timeout(300.0)
+def concurrent_streams(client: HttpClient, n: int, make_ids: Callable[[int], List[int]], n_new: int,
+                       budget: Budget, timeout: float) -> Tuple[List[Dict[str, Any]], float]:
+    """``n`` streaming ``/generate`` requests at once, each from its own thread and client.
+
+    Each thread builds its prompt (``make_ids(j)``), then all wait at a barrier and send
+    together.  Returns the ``generate_stream`` records (in order) and the wall time.
+    """
+    results: List[Optional[Dict[str, Any]]] = [None] * n
+    barrier = threading.Barrier(n) if n else None
+    base, use_req = client.base_url, client.use_requests
 
     def worker(j: int) -> None:
-        ids = make_prompt_ids(lengths[j], 300 + j)
+        ids = make_ids(j)
         try:
-            barrier.wait(timeout=30)
+            barrier.wait(timeout=60)
         except threading.BrokenBarrierError:
             pass
-        c = client_factory()
+        c = HttpClient(base, use_requests=use_req)
         try:
             results[j] = generate_stream(c, ids, n_new, timeout=timeout, deadline=budget.deadline)
         except Exception as e:  # pragma: no cover - defensive
@@ -921,24 +1000,26 @@ def phase_batching(client: HttpClient, cfg: "BenchConfig", budget: Budget) -> Di
         finally:
             c.close()
 
-    base = client.base_url
-    use_req = client.use_requests
-
-    def client_factory() -> HttpClient:
-        return HttpClient(base, use_requests=use_req)
-
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(j,), daemon=True) for j in range(len(lengths))]
+    threads = [threading.Thread(target=worker, args=(j,), daemon=True) for j in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=max(1.0, budget.remaining() + 5))
     wall = time.perf_counter() - t0
+    return [r or {"ok": False, "error": "did not finish"} for r in results], wall
+
+
+def phase_batching(client: HttpClient, cfg: "BenchConfig", budget: Budget) -> Dict[str, Any]:
+    lengths = list(cfg.batch_lengths)
+    n_new = cfg.batch_new_tokens
+    results, wall = concurrent_streams(client, len(lengths), lambda j: make_prompt_ids(lengths[j], 300 + j),
+                                       n_new, budget, timeout=budget.timeout(300.0))
     reqs = []
     total_tokens = 0
     firsts, lasts, decode_tokens = [], [], 0
     for j, L in enumerate(lengths):
-        r = results[j] or {"ok": False, "error": "did not finish"}
+        r = results[j]
         ct = r.get("completion_tokens") or 0
         total_tokens += ct
         if r.get("_first_token_time") is not None and r.get("_last_token_time") is not None:
@@ -983,6 +1064,212 @@ def phase_shared_prefix(client: HttpClient, cfg: "BenchConfig", budget: Budget) 
     res["cached_tokens_b"] = cached_b
     res["radix_hit"] = isinstance(cached_b, (int, float)) and cached_b > 0
     res["ok"] = bool(a.get("ok")) and bool(b.get("ok")) and res["radix_hit"]
+    return res
+
+
+def parse_throughput(text: str) -> List[Tuple[int, int]]:
+    """``"32x24576,64x8192"`` -> ``[(32, 24576), (64, 8192)]`` (requests x prompt tokens)."""
+    out = []
+    for part in parse_str_list(text):
+        m = re.match(r"^(\d+)[xX*](\d+(?:\.\d+)?)$", part)
+        if not m or int(m.group(1)) < 1 or int(float(m.group(2))) < 1:
+            raise ValueError(f"bad throughput configuration {part!r}; expected NxL, e.g. 32x24576")
+        out.append((int(m.group(1)), int(float(m.group(2)))))
+    return out
+
+
+def throughput_label(n: int, prompt_len: int) -> str:
+    return f"{int(n)}x{int(prompt_len)}"
+
+
+def estimate_throughput_s(n: int, prompt_len: int, n_new: int) -> float:
+    """Conservative wall-time guess for one throughput configuration (H200, 8B model)."""
+    return 5.0 + n * prompt_len / THROUGHPUT_PREFILL_TOK_S + n_new * 0.06
+
+
+def _first_token_time(events: Sequence[Tuple[float, Optional[int]]]) -> Optional[float]:
+    for t, n in events:
+        if n is not None and n >= 1:
+            return t
+    return None
+
+
+def _last_token_time(events: Sequence[Tuple[float, Optional[int]]]) -> Optional[float]:
+    for t, n in reversed(list(events)):
+        if n is not None and n >= 1:
+            return t
+    return None
+
+
+def tokens_at(events: Sequence[Tuple[float, Optional[int]]], t: float) -> int:
+    """Cumulative tokens a stream had received at time ``t`` (last event at or before ``t``)."""
+    got = 0
+    for te, n in events:
+        if te > t:
+            break
+        if n is not None:
+            got = max(got, int(n))
+    return got
+
+
+def steady_window(streams: Sequence[Sequence[Tuple[float, Optional[int]]]]) -> Optional[Tuple[float, float]]:
+    """``(start, end)`` in which every stream is decoding: from the last first token to
+    the first last token; None when some stream has no token or the spans do not overlap."""
+    firsts = [_first_token_time(ev) for ev in streams]
+    lasts = [_last_token_time(ev) for ev in streams]
+    if not streams or any(t is None for t in firsts + lasts):
+        return None
+    start, end = max(firsts), min(lasts)
+    return (start, end) if end > start else None
+
+
+def window_intervals(events: Sequence[Tuple[float, Optional[int]]], start: float, end: float) -> List[float]:
+    """Per-token intervals (s) between consecutive events inside ``[start, end]``
+    (a chunk of ``dn`` tokens after ``dt`` counts as ``dn`` intervals of ``dt/dn``)."""
+    out: List[float] = []
+    prev: Optional[Tuple[float, int]] = None
+    for t, n in events:
+        if n is None or t < start or t > end:
+            continue
+        if prev is not None and n > prev[1]:
+            out.extend([(t - prev[0]) / (n - prev[1])] * (n - prev[1]))
+        if prev is None or n > prev[1]:
+            prev = (t, int(n))
+    return out
+
+
+def _spread(values: Sequence[float], nd: int = 3) -> Optional[Dict[str, Optional[float]]]:
+    """min / median / max of ``values`` (None when empty)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"min": _round(min(vals), nd), "median": _round(statistics.median(vals), nd),
+            "max": _round(max(vals), nd)}
+
+
+def summarize_throughput(streams: Sequence[Dict[str, Any]], prompt_len: int, n_new: int) -> Dict[str, Any]:
+    """Timing summary of N concurrent streams of ``prompt_len`` prompt tokens each.
+
+    ``streams``: one dict per request with ``t_send`` (perf_counter), ``events``
+    (``(time, cumulative_tokens)``) and ``ok``.  Prefill accounting: ``prefill_s`` runs
+    from the first send to the last first token (every request prefilled).  Steady
+    decode: in the window where all requests decode (``steady_window``), aggregate
+    tokens/s = tokens received in the window by all requests / window length;
+    ``steady_ms_per_step`` = window / tokens per request in it; per-request median
+    inter-token latencies inside the window (and over each whole stream) as
+    min/median/max over the requests.
+    """
+    n = len(streams)
+    events = [list(s.get("events") or []) for s in streams]
+    sends = [s["t_send"] for s in streams if s.get("t_send") is not None]
+    firsts = [_first_token_time(ev) for ev in events]
+    lasts = [_last_token_time(ev) for ev in events]
+    out: Dict[str, Any] = {
+        "n_requests": n, "n_ok": sum(1 for s in streams if s.get("ok")),
+        "prompt_len": int(prompt_len), "max_new_tokens": int(n_new),
+        "prefill_tokens": n * int(prompt_len),
+        "output_tokens": sum(tokens_at(ev, float("inf")) for ev in events),
+    }
+    t0 = min(sends) if sends else None
+    got_first = [f for f in firsts if f is not None]
+    if t0 is not None and got_first:
+        out["ttft_s"] = _spread([f - s["t_send"] for f, s in zip(firsts, streams)
+                                 if f is not None and s.get("t_send") is not None])
+        if len(got_first) == n:
+            out["prefill_s"] = _round(max(got_first) - t0, 3)
+            out["prefill_tokens_per_s"] = (_round(out["prefill_tokens"] / (max(got_first) - t0), 1)
+                                           if max(got_first) > t0 else None)
+        got_last = [t for t in lasts if t is not None]
+        out["wall_s"] = _round(max(got_last) - t0, 3) if got_last else None
+    whole = [summarize_stream(s.get("t_send") or 0.0, ev).get("decode_ms_per_token_median")
+             for s, ev in zip(streams, events)]
+    out["per_request_decode_ms"] = _spread(whole)
+    win = steady_window(events) if n else None
+    if win is None:
+        out["steady_window_s"] = None
+        out["steady_note"] = "no window in which all requests decode (queued requests or too few tokens)"
+        return out
+    start, end = win
+    per_req = [tokens_at(ev, end) - tokens_at(ev, start) for ev in events]
+    tokens = sum(per_req)
+    span = end - start
+    out["steady_window_s"] = _round(span, 4)
+    out["steady_tokens"] = tokens
+    out["steady_decode_tokens_per_s"] = _round(tokens / span, 2) if span > 0 else None
+    mean_steps = tokens / n
+    out["steady_ms_per_step"] = _round(span / mean_steps * 1000.0, 4) if mean_steps > 0 else None
+    meds = []
+    for ev in events:
+        iv = window_intervals(ev, start, end)
+        meds.append(statistics.median(iv) * 1000.0 if iv else None)
+    out["steady_per_request_decode_ms"] = _spread(meds, 4)
+    return out
+
+
+def flush_cache(client: HttpClient, timeout: float = 30.0) -> Optional[int]:
+    """``POST /flush_cache`` (drops the radix cache); the HTTP status, None on error."""
+    try:
+        status, _ = client.post_json("/flush_cache", {}, timeout)
+        return status
+    except Exception:
+        return None
+
+
+def run_throughput_config(client: HttpClient, n: int, prompt_len: int, n_new: int, budget: Budget,
+                          server_info: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """One ``NxL`` configuration: KV/concurrency checks, N concurrent streams, summary."""
+    res: Dict[str, Any] = {"config": throughput_label(n, prompt_len), "warnings": []}
+    needed = n * (prompt_len + n_new)
+    res["kv_tokens_needed"] = needed
+    mt = server_info.get("max_total_num_tokens")
+    res["max_total_num_tokens"] = mt
+    res["kv_pool_fits"] = (needed <= mt) if isinstance(mt, int) else None
+    if res["kv_pool_fits"] is False:
+        res["warnings"].append(f"KV pool too small: {n}x({prompt_len}+{n_new}) = {needed} tokens > "
+                               f"max_total_num_tokens {mt}; requests will queue")
+    mrr = server_info.get("max_running_requests")
+    res["max_running_requests"] = mrr
+    if isinstance(mrr, int) and mrr < n:
+        res["warnings"].append(f"max_running_requests {mrr} < {n}; requests will queue")
+    for w in res["warnings"]:
+        log(f"  throughput {res['config']}: WARNING {w}")
+    res["flush_cache_status"] = flush_cache(client, timeout=budget.timeout(30.0))
+    recs, wall = concurrent_streams(
+        client, n, lambda j: make_prompt_ids(prompt_len, seed + j), n_new, budget,
+        timeout=budget.timeout(600.0))
+    streams = [{"t_send": r.get("_t_send"), "events": r.get("_events") or [], "ok": bool(r.get("ok"))}
+               for r in recs]
+    res.update(summarize_throughput(streams, prompt_len, n_new))
+    res["client_wall_s"] = _round(wall, 3)
+    errors = [r.get("error") for r in recs if not r.get("ok")]
+    if errors:
+        res["errors"] = errors[:5]
+    res["ok"] = res["n_ok"] == n and res.get("steady_decode_tokens_per_s") is not None
+    return res
+
+
+def phase_throughput(client: HttpClient, cfg: "BenchConfig", budget: Budget,
+                     server_info: Dict[str, Any]) -> Dict[str, Any]:
+    """Every ``cfg.throughput`` configuration that fits the budget, radix cache flushed before each."""
+    res: Dict[str, Any] = {"decode_tokens": cfg.throughput_decode_tokens, "configs": []}
+    n_new = cfg.throughput_decode_tokens
+    for k, (n, L) in enumerate(cfg.throughput):
+        need = estimate_throughput_s(n, L, n_new)
+        if budget.remaining() < need:
+            entry = {"config": throughput_label(n, L),
+                     "skipped": f"time budget ({budget.remaining():.0f} s left, need ~{need:.0f} s)"}
+            log(f"  throughput {entry['config']}: skipped ({entry['skipped']})")
+            res["configs"].append(entry)
+            continue
+        t0 = time.monotonic()
+        entry = run_throughput_config(client, n, L, n_new, budget, server_info, seed=10_000 * (k + 1))
+        entry["elapsed_s"] = _round(time.monotonic() - t0, 2)
+        log(f"  throughput {entry['config']}: ok={entry.get('ok')} prefill={entry.get('prefill_s')} s "
+            f"steady={entry.get('steady_decode_tokens_per_s')} tok/s "
+            f"({entry.get('steady_ms_per_step')} ms/step) wall={entry.get('wall_s')} s")
+        res["configs"].append(entry)
+    ran = [c for c in res["configs"] if "skipped" not in c]
+    res["ok"] = bool(ran) and all(c.get("ok") for c in ran)
     return res
 
 
@@ -1078,6 +1365,85 @@ def decode_table(backends: Dict[str, Dict[str, Any]], order: Sequence[str],
     return rows
 
 
+def decode_series(backends: Dict[str, Dict[str, Any]], order: Sequence[str]) -> Dict[str, List[Tuple[int, float]]]:
+    """``{label: [(context, decode ms/token), ...]}`` from the successful long-context requests."""
+    out: Dict[str, List[Tuple[int, float]]] = {}
+    for b in order:
+        pts = [(L, float(e["decode_ms_per_token"])) for L, e in sorted(_long_entries(backends, b).items())
+               if e.get("ok") and isinstance(e.get("decode_ms_per_token"), (int, float))]
+        if pts:
+            out[b] = pts
+    return out
+
+
+def flashinfer_reference(labels: Sequence[str]) -> Optional[str]:
+    """``flashinfer`` if among ``labels``, else the first ``flashinfer@...`` label, else None."""
+    if "flashinfer" in labels:
+        return "flashinfer"
+    return next((b for b in labels if b.split("@")[0] == "flashinfer"), None)
+
+
+def ratio_to_flashinfer(backends: Dict[str, Dict[str, Any]], order: Sequence[str]) -> Optional[Dict[str, Any]]:
+    """Decode ms/token of every other label divided by flashinfer's, per context (>1: slower).
+
+    None unless a flashinfer label has long-context results.  Contexts are the union
+    over all labels (merged files may differ); a missing value is None.
+    """
+    series = decode_series(backends, order)
+    ref = flashinfer_reference(list(series))
+    if ref is None:
+        return None
+    ref_ms = dict(series[ref])
+    others = [b for b in series if b != ref]
+    contexts = sorted({L for pts in series.values() for L, _ in pts})
+    rows = []
+    for L in contexts:
+        row: Dict[str, Any] = {"context": L, "reference_ms_per_token": ref_ms.get(L), "ratios": {}}
+        for b in others:
+            o = dict(series[b]).get(L)
+            row["ratios"][b] = _round(o / ref_ms[L], 4) if o and ref_ms.get(L) else None
+        rows.append(row)
+    return {"reference": ref, "metric": "decode ms/token of label / reference (>1: slower)",
+            "labels": others, "rows": rows}
+
+
+def throughput_table(backends: Dict[str, Dict[str, Any]], order: Sequence[str]) -> List[Dict[str, Any]]:
+    """Per throughput configuration: each label's steady aggregate decode tokens/s,
+    ms per step, prefill time, and tokens/s relative to flashinfer (>1: faster)."""
+    per: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    configs: List[str] = []
+    for b in order:
+        tp = backends.get(b, {}).get("phases", {}).get("throughput")
+        if not isinstance(tp, dict):
+            continue
+        for c in tp.get("configs", []):
+            if "skipped" in c or "config" not in c:
+                continue
+            per.setdefault(c["config"], {})[b] = c
+            if c["config"] not in configs:
+                configs.append(c["config"])
+    rows = []
+    for name in configs:
+        ran = per[name]
+        row: Dict[str, Any] = {"config": name, "backends": {}}
+        for b, c in ran.items():
+            row["backends"][b] = {k: c.get(k) for k in (
+                "ok", "steady_decode_tokens_per_s", "steady_ms_per_step", "prefill_s", "wall_s",
+                "kv_pool_fits", "n_ok", "n_requests")}
+            spr = c.get("steady_per_request_decode_ms") or {}
+            row["backends"][b]["steady_per_request_decode_ms_median"] = spr.get("median")
+        ref = flashinfer_reference([b for b in order if b in ran])
+        if ref is not None:
+            row["reference"] = ref
+            r = ran[ref].get("steady_decode_tokens_per_s")
+            row["tokens_per_s_ratio_to_reference"] = {
+                b: (_round(c.get("steady_decode_tokens_per_s") / r, 4)
+                    if r and c.get("steady_decode_tokens_per_s") else None)
+                for b, c in ran.items() if b != ref}
+        rows.append(row)
+    return rows
+
+
 def hit_rates(backends: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     out = {}
     for b, r in backends.items():
@@ -1106,6 +1472,8 @@ def summarize(results: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(p, dict):
             sp[b] = p.get("cached_tokens_b")
     comp["shared_prefix_cached_tokens"] = sp
+    comp["ratio_to_flashinfer"] = ratio_to_flashinfer(backends, order)
+    comp["throughput"] = throughput_table(backends, order)
     results["comparison"] = comp
 
     problems: List[str] = []
@@ -1126,6 +1494,12 @@ def summarize(results: Dict[str, Any]) -> Dict[str, Any]:
         for c in lc.get("contexts", []) if isinstance(lc, dict) else []:
             if c.get("skipped"):
                 problems.append(f"{b}: long_context {c.get('context')} skipped ({c['skipped']})")
+        tp = r.get("phases", {}).get("throughput") or {}
+        for c in tp.get("configs", []) if isinstance(tp, dict) else []:
+            if c.get("skipped"):
+                problems.append(f"{b}: throughput {c.get('config')} skipped ({c['skipped']})")
+            for w in c.get("warnings") or []:
+                problems.append(f"{b}: throughput {c.get('config')}: {w}")
         lg = r.get("phases", {}).get("log") or {}
         if lg.get("traceback_count"):
             problems.append(f"{b}: {lg['traceback_count']} Traceback(s) in server log")
@@ -1136,7 +1510,8 @@ def summarize(results: Dict[str, Any]) -> Dict[str, Any]:
     ident = comp["identical_outputs"]
     if ident is not None and not ident.get("all_identical"):
         problems.append("correctness: outputs differ from the reference backend")
-    results["summary"] = {"ok": not problems, "problems": problems}
+    results["summary"] = {"ok": not problems, "problems": problems,
+                          "ratio_to_flashinfer": comp["ratio_to_flashinfer"]}
     return results
 
 
@@ -1174,6 +1549,40 @@ def validate_results(results: Dict[str, Any]) -> List[str]:
     return errs
 
 
+def _fmt(x: Any, w: int, nd: int = 2) -> str:
+    return f"{x:>{w}.{nd}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"
+
+
+def format_ratio_lines(ratio: Optional[Dict[str, Any]]) -> List[str]:
+    """The ratio-to-flashinfer table (decode ms/token, label / flashinfer) as text lines."""
+    if not ratio or not ratio.get("labels"):
+        return []
+    ref, labels = ratio["reference"], ratio["labels"]
+    w = max([18] + [len(b) + 2 for b in labels])
+    lines = [f"ratio to {ref} (decode ms/token, label / {ref}; >1 = slower):",
+             f"{'context':>8} {ref + ' ms':>{w}} " + " ".join(f"{b:>{w}}" for b in labels)]
+    for row in ratio["rows"]:
+        lines.append(f"{row['context']:>8} {_fmt(row.get('reference_ms_per_token'), w)} "
+                     + " ".join(_fmt(row["ratios"].get(b), w, 3) for b in labels))
+    return lines
+
+
+def format_throughput_lines(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """Throughput table: steady aggregate decode tokens/s (ms/step, prefill s) per label."""
+    lines: List[str] = []
+    for row in rows:
+        if not lines:
+            lines.append("throughput (all requests decoding): aggregate decode tok/s | ms/step | prefill s"
+                         " | tok/s vs flashinfer")
+        for b, c in row["backends"].items():
+            rr = (row.get("tokens_per_s_ratio_to_reference") or {}).get(b)
+            fit = "" if c.get("kv_pool_fits") is not False else "  [KV pool too small]"
+            lines.append(f"{row['config']:>10} {b:>22}: {_fmt(c.get('steady_decode_tokens_per_s'), 10, 1)} |"
+                         f"{_fmt(c.get('steady_ms_per_step'), 8, 2)} |{_fmt(c.get('prefill_s'), 7, 1)} |"
+                         f"{_fmt(rr, 6, 3)}  ok={c.get('ok')} {c.get('n_ok')}/{c.get('n_requests')}{fit}")
+    return lines
+
+
 def format_table(results: Dict[str, Any]) -> str:
     cfg = results.get("config", {})
     order = [b for b in (cfg.get("compare_order") or cfg.get("backends", []))
@@ -1193,11 +1602,17 @@ def format_table(results: Dict[str, Any]) -> str:
     def f(x: Any, w: int, nd: int = 2) -> str:
         return f"{x:>{w}.{nd}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"
 
-    for row in comp.get("decode_ms_per_token", []):
+    rows = comp.get("decode_ms_per_token", [])
+    if not any(row.get(f"{b}_ms_per_token") is not None for row in rows for b in order):
+        lines[-2:] = ["decode ms/token (bs=1): no long_context results"]
+        rows = []
+    for row in rows:
         s = f"{row['context']:>8} " + " ".join(f(row.get(f'{b}_ms_per_token'), 18) for b in order)
         s += " " + " ".join(f(row.get(f"ratio_{b}_over_{ref}"), 22, 3) for b in order[1:])
         s += " " + " ".join(f(row.get(f"{b}_ttft_s"), 16, 2) for b in order)
         lines.append(s)
+    lines += format_ratio_lines(comp.get("ratio_to_flashinfer"))
+    lines += format_throughput_lines(comp.get("throughput") or [])
     ident = comp.get("identical_outputs")
     if ident:
         for b, v in ident.get("backends", {}).items():
@@ -1324,6 +1739,12 @@ class BenchConfig:
         m = re.search(r"--chunked-prefill-size[ =](\d+)", f"{args.common_server_args} {args.extra_server_args}")
         if m:
             self.chunk_size = int(m.group(1))
+        try:
+            self.throughput = parse_throughput(args.throughput)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        self.throughput_decode_tokens = int(args.throughput_decode_tokens)
+        self.context_length = args.context_length
         self.phases = [p for p in parse_str_list(args.phases)]
         bad = [p for p in self.phases if p not in ALL_PHASES]
         if bad:
@@ -1356,32 +1777,72 @@ def _on_sigterm(signum, frame):  # pragma: no cover - signal path
     raise _Terminated(f"signal {signum}")
 
 
+LATER_START_EST_S = 90.0  # a warm server start (~70 s) plus its stop, for later backends
+
+
+def start_limit_s(remaining: float, n_left: int, start_timeout: float,
+                  reserve: float = FINAL_RESERVE_S) -> float:
+    """Seconds this server's start may take: ``start_timeout``, capped so that each of
+    the ``n_left - 1`` later backends keeps ``LATER_BACKEND_MIN_S`` (or an equal share of
+    the time left, if that is smaller)."""
+    left = remaining - reserve
+    share = left / max(1, n_left)
+    later_min = min(LATER_BACKEND_MIN_S, share)
+    return max(0.0, min(float(start_timeout), left - later_min * (n_left - 1)))
+
+
+def phase_time_s(remaining: float, n_left: int, start_s: float, reserve: float = FINAL_RESERVE_S) -> float:
+    """Seconds for this backend's phases once its server is up: an equal share of what is
+    left after the later backends' server starts, each guessed as this start's duration
+    ``start_s`` but at most ``LATER_START_EST_S`` (a warm start; the first start on a
+    fresh machine JIT-compiles FlashInfer and is no guide).
+
+    On a warm machine this is the old equal share (start included); after a slow first
+    start the overrun is shared by all backends left.
+    """
+    later = min(LATER_START_EST_S, max(0.0, start_s)) * (n_left - 1)
+    return max(0.0, (remaining - reserve - later) / max(1, n_left))
+
+
+def server_max_input(si: Dict[str, Any]) -> Optional[int]:
+    """Longest prompt the server takes: min of max_req_input_len, context_length, max_total_num_tokens."""
+    vals = [si[k] for k in ("max_req_input_len", "context_length", "max_total_num_tokens")
+            if isinstance(si.get(k), int) and si[k] > 0]
+    return min(vals) if vals else None
+
+
 def run_backend(backend: str, idx: int, cfg: BenchConfig, args: argparse.Namespace,
-                model_dir: str, results: Dict[str, Any], budget: Budget,
+                model_dir: str, results: Dict[str, Any], total: Budget, n_left: int,
                 save: Callable[[], None]) -> None:
+    """Start one server, run the selected phases within the time plan, stop it by PID."""
     port = pick_port(args.host, args.port)
     log_name = f"server_{re.sub(r'[^A-Za-z0-9_.-]', '_', backend)}.log"
     log_path = os.path.join(args.out_dir, log_name)
     cmd = build_server_cmd(backend, model_dir, args.host, port, args.python,
                            args.common_server_args, args.extra_server_args,
-                           args.tokenselect_args, template=args.server_cmd)
+                           args.tokenselect_args, template=args.server_cmd,
+                           context_length=cfg.context_length)
+    extra_env = server_env(cfg.context_length)
     rec: Dict[str, Any] = {
-        "server": {"cmd": shlex.join(cmd), "port": port, "log_file": log_name, "ready": False},
+        "server": {"cmd": shlex.join(cmd), "env": extra_env, "port": port, "log_file": log_name,
+                   "ready": False},
         "phases": {},
         "errors": [],
     }
     results["backends"][backend] = rec
     t_backend = time.monotonic()
+    limit = start_limit_s(total.remaining(), n_left, args.server_start_timeout)
+    rec["server"]["start_limit_s"] = _round(limit, 1)
     save()
-    log(f"[{backend}] starting server (budget {budget.remaining():.0f} s): {shlex.join(cmd)}")
+    log(f"[{backend}] starting server (start limit {limit:.0f} s, {total.remaining():.0f} s left in all, "
+        f"{n_left} backend(s) to go): {shlex.join(cmd)}")
     server_cwd = os.path.abspath(args.out_dir)
     rec["server"]["cwd"] = server_cwd
-    server = ServerProcess(cmd, log_path, cwd=server_cwd)
+    server = ServerProcess(cmd, log_path, env={**os.environ, **extra_env}, cwd=server_cwd)
     client = HttpClient(f"http://{args.host}:{port}", use_requests=None if not args.no_requests else False)
     try:
         server.start()
-        start_budget = budget.sub(args.server_start_timeout)
-        ready = wait_ready(client, server, start_budget)
+        ready = wait_ready(client, server, total.sub(limit))
         rec["server"].update(ready)
         if not ready.get("ready"):
             rec["server"]["log_tail"] = tail_file(log_path, 40)
@@ -1390,16 +1851,12 @@ def run_backend(backend: str, idx: int, cfg: BenchConfig, args: argparse.Namespa
                 log(f"    | {line}")
             save()
             return
-        log(f"[{backend}] server ready in {ready.get('ready_s')} s")
+        budget = total.sub(phase_time_s(total.remaining(), n_left, time.monotonic() - t_backend))
+        rec["phase_budget_s"] = _round(budget.remaining(), 1)
+        log(f"[{backend}] server ready in {ready.get('ready_s')} s; phases get {budget.remaining():.0f} s")
         rec["server"]["server_info"] = fetch_server_info(client, timeout=budget.timeout(10.0))
         si = rec["server"]["server_info"]
-        max_input = None
-        for k in ("max_req_input_len", "context_length"):
-            if isinstance(si.get(k), int) and si[k] > 0:
-                max_input = si[k] if max_input is None else min(max_input, si[k])
-        if isinstance(si.get("max_total_num_tokens"), int) and si["max_total_num_tokens"] > 0:
-            mt = si["max_total_num_tokens"]
-            max_input = mt if max_input is None else min(max_input, mt)
+        max_input = server_max_input(si)
         save()
 
         phase_fns = {
@@ -1411,6 +1868,8 @@ def run_backend(backend: str, idx: int, cfg: BenchConfig, args: argparse.Namespa
                          5 + sum(cfg.batch_lengths) / 6000.0 + 3),
             "shared_prefix": (lambda: phase_shared_prefix(client, cfg, budget),
                               2 * estimate_request_s(cfg.prefix_len, cfg.prefix_new_tokens)),
+            # each configuration checks the budget itself (skipped ones are recorded)
+            "throughput": (lambda: phase_throughput(client, cfg, budget, si), 10),
         }
         for name in ALL_PHASES:
             if name not in cfg.phases:
@@ -1466,8 +1925,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-dir", default=DEFAULT_MODEL_DIR,
                     help="model folder (config.json + tokenizer); written by dummy_model.py if missing")
     ap.add_argument("--backends", default=DEFAULT_BACKENDS,
-                    help="comma list; the first is the reference; NAME@nocg adds --disable-cuda-graph "
-                         "(e.g. flashinfer@nocg, since tokenselect turns decode CUDA graphs off)")
+                    help="comma list of labels; the first is the reference; NAME@nocg adds "
+                         "--disable-cuda-graph, tokenselect@t<float> adds --tokenselect-cache-threshold=<float> "
+                         "(t1: select every step, t-1: once per request); variants combine: tokenselect@t0.9@nocg")
     ap.add_argument("--contexts", default=None, help=f"comma list of prompt lengths (default {DEFAULT_CONTEXTS}; --quick: {QUICK_CONTEXTS})")
     ap.add_argument("--decode-tokens", type=int, default=64, help="max_new_tokens of the long-context requests")
     ap.add_argument("--quick", action="store_true", help="fewer contexts and batching requests")
@@ -1482,13 +1942,25 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--results-json", default=None, help="also write the results JSON to this path")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="seconds for the whole run; phases that would not fit are skipped")
-    ap.add_argument("--server-start-timeout", type=float, default=240.0)
+    ap.add_argument("--server-start-timeout", type=float, default=480.0,
+                    help="seconds a server may take to become ready (a fresh machine JIT-compiles FlashInfer "
+                         f"for >4 min); capped so that each later backend keeps {LATER_BACKEND_MIN_S:.0f} s")
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="passed as --context-length to every server, with "
+                         f"{ALLOW_LONGER_CONTEXT_ENV}=1 in its environment (the dummy model's config has "
+                         "131072 positions; 256K contexts need e.g. 266240)")
+    ap.add_argument("--throughput", default=DEFAULT_THROUGHPUT,
+                    help="throughput phase configurations NxL (N concurrent requests of L prompt tokens)")
+    ap.add_argument("--throughput-decode-tokens", type=int, default=128,
+                    help="max_new_tokens of each throughput request")
+    ap.add_argument("--no-plot", action="store_true", help=f"do not write {PLOT_NAME}")
     ap.add_argument("--stop-grace", type=float, default=8.0, help="seconds between SIGTERM and SIGKILL")
     ap.add_argument("--batch-lengths", default=None,
                     help=f"prompt lengths of the concurrent requests (default {DEFAULT_BATCH_LENGTHS}; --quick: {QUICK_BATCH_LENGTHS})")
     ap.add_argument("--correctness-lengths", default=DEFAULT_CORRECTNESS_LENGTHS)
     ap.add_argument("--prefix-len", type=int, default=8192)
-    ap.add_argument("--phases", default=",".join(ALL_PHASES), help="comma list of phases to run")
+    ap.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                    help=f"comma list of phases to run, from {','.join(ALL_PHASES)}")
     ap.add_argument("--python", default=sys.executable, help="python used to launch the servers")
     ap.add_argument("--compare-with", default=None, metavar="E2E_JSON",
                     help="an earlier e2e.json: its backends not run now join the comparison "
@@ -1522,20 +1994,49 @@ def normalize_argv(argv: Sequence[str]) -> List[str]:
 
 
 def load_previous(path: str, run_now: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
-    """Backends of an earlier e2e.json (those not run now) for the comparison."""
+    """Backends of an earlier e2e.json (those not run now) for the comparison.
+
+    Labels that file itself merged (its ``compare_order``) come along, keeping the
+    ``from_file`` of their first origin, so merges chain (bs1-a -> bs1-b -> ...).
+    """
     with open(path, encoding="utf-8") as f:
         prev = json.load(f)
     got: Dict[str, Any] = {}
     order: List[str] = []
-    for b in prev.get("config", {}).get("backends", []) or list(prev.get("backends", {})):
-        if b in run_now or b not in prev.get("backends", {}):
+    pcfg = prev.get("config", {})
+    for b in pcfg.get("compare_order") or pcfg.get("backends") or list(prev.get("backends", {})):
+        if b in run_now or b not in prev.get("backends", {}) or b in got:
             continue
         rec = dict(prev["backends"][b])
-        rec["from_file"] = {"path": os.path.abspath(path), "date": prev.get("date"),
-                            "device": (prev.get("device") or {}).get("name")}
+        rec.setdefault("from_file", {"path": os.path.abspath(path), "date": prev.get("date"),
+                                     "device": (prev.get("device") or {}).get("name")})
         got[b] = rec
         order.append(b)
     return got, order
+
+
+def throughput_common_args(cfg: BenchConfig, common_args: str, extra_args: str) -> str:
+    """``common_args`` with ``--max-running-requests`` >= the largest throughput N, when the
+    throughput phase runs and ``extra_args`` does not set it itself."""
+    if "throughput" not in cfg.phases or not cfg.throughput or "--max-running-requests" in (extra_args or ""):
+        return common_args
+    return with_min_running_requests(common_args, max(n for n, _ in cfg.throughput))
+
+
+def write_plot(results: Dict[str, Any], out_dir: str) -> Dict[str, Any]:
+    """Write ``PLOT_NAME`` (decode ms/token vs context, ``plot_e2e.py``) into ``out_dir``."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import plot_e2e  # noqa: E402  (sibling file)
+
+        res = plot_e2e.plot_decode(results, os.path.join(out_dir, PLOT_NAME))
+    except Exception as e:
+        res = {"skipped": f"plot failed: {type(e).__name__}: {e}"[:300]}
+    if res.get("path"):
+        log(f"plot: {res['path']} ({len(res.get('labels', []))} label(s))")
+    else:
+        log(f"plot: skipped ({res.get('skipped')})")
+    return res
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1545,6 +2046,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.results_json = os.path.abspath(args.results_json)
     budget = Budget(args.time_budget)
     cfg = BenchConfig(args)
+    common_args_given = args.common_server_args
+    args.common_server_args = throughput_common_args(cfg, args.common_server_args, args.extra_server_args)
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, JSON_NAME)
     stdout_copy = open(os.path.join(args.out_dir, STDOUT_COPY_NAME), "a", encoding="utf-8")
@@ -1604,13 +2107,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "model": model_info,
             "load_format": "dummy",
             "common_server_args": args.common_server_args,
+            "common_server_args_given": common_args_given,
             "extra_server_args": args.extra_server_args,
+            "server_env": server_env(cfg.context_length),
             "tokenselect_args": args.tokenselect_args,
             "time_budget_s": args.time_budget,
             "quick": bool(args.quick),
             "http_client": "requests" if (_requests is not None and not args.no_requests) else "urllib",
             "decode_metric": "median inter-token latency of a streamed bs=1 request",
+            "throughput_metric": "tokens received by all requests while all decode / that window",
         }
+        if args.common_server_args != common_args_given:
+            log(f"throughput phase: --max-running-requests raised to {max(n for n, _ in cfg.throughput)} "
+                f"(common server args now: {args.common_server_args})")
         results["config"]["compare_order"] = list(cfg.backends)
         if args.compare_with:
             prev, prev_order = load_previous(args.compare_with, cfg.backends)
@@ -1621,15 +2130,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         save()
         log(f"device={results['device'].get('name')} backends={cfg.backends} contexts={cfg.contexts} "
             f"budget={args.time_budget:.0f}s out={args.out_dir}")
-        reserve = 15.0  # final shutdown + report
         n = len(cfg.backends)
         for i, b in enumerate(cfg.backends):
-            share = (budget.remaining() - reserve) / max(1, n - i)
+            share = (budget.remaining() - FINAL_RESERVE_S) / max(1, n - i)
             if share < 30:
                 results["backends"][b] = {"server": {"cmd": "", "ready": False, "error": "time budget"},
                                           "phases": {}, "errors": ["skipped: time budget"]}
                 continue
-            run_backend(b, i, cfg, args, model_dir, results, budget.sub(share), save)
+            run_backend(b, i, cfg, args, model_dir, results, budget, n - i, save)
         results["status"] = "complete"
         rc = 0
     except (_Terminated, KeyboardInterrupt) as e:
@@ -1645,6 +2153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if prev_handler is not None:
             signal.signal(signal.SIGTERM, prev_handler)
         summarize(results)
+        if not args.no_plot:
+            results["plot"] = write_plot(results, args.out_dir)
         v = validate_results(results)
         if v:
             results["schema_problems"] = v

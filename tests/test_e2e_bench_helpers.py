@@ -10,6 +10,7 @@ the server lifecycle (process group kill) and the log parsing run without a GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import dummy_model  # noqa: E402
 import e2e_bench as eb  # noqa: E402
+import plot_e2e  # noqa: E402
 
 THIS_FILE = os.path.abspath(__file__)
 
@@ -49,6 +51,16 @@ class FakeState:
         self.decode_steps = 0
         self.hits = 0
         self.misses = 0
+
+    def flag(self, name, typ):
+        """Value of ``name`` among the extra server args (``--x v`` or ``--x=v``; last wins)."""
+        val = None
+        for i, a in enumerate(self.extra_args):
+            if a == name and i + 1 < len(self.extra_args):
+                val = typ(self.extra_args[i + 1])
+            elif a.startswith(name + "="):
+                val = typ(a.split("=", 1)[1])
+        return val
 
     def cached_prefix(self, ids):
         best = 0
@@ -108,7 +120,9 @@ def make_handler(state: FakeState):
             return time.monotonic() - state.t_start >= state.startup_delay
 
         def do_GET(self):
-            if self.path in ("/health", "/health_generate"):
+            if self.path == "/flush_cache":
+                self._flush()
+            elif self.path in ("/health", "/health_generate"):
                 if self._ready():
                     self._send_json(200, {})
                 else:
@@ -117,6 +131,9 @@ def make_handler(state: FakeState):
                 self._send_json(200, {
                     "attention_backend": state.backend, "max_req_input_len": 131000,
                     "max_total_num_tokens": 400000, "chunked_prefill_size": 16384,
+                    "max_running_requests": state.flag("--max-running-requests", int),
+                    "context_length": state.flag("--context-length", int) or 131072,
+                    "tokenselect_cache_threshold": state.flag("--tokenselect-cache-threshold", float),
                     "disable_cuda_graph": False, "version": "fake",
                     "tokenselect_stats_interval": state.stats_interval or None,
                     "extra_args": " ".join(state.extra_args),
@@ -133,6 +150,8 @@ def make_handler(state: FakeState):
                 return
             if self.path == "/generate":
                 self._generate(req)
+            elif self.path == "/flush_cache":
+                self._flush()
             elif self.path == "/v1/chat/completions":
                 self._send_json(200, {
                     "id": "x", "object": "chat.completion", "model": req.get("model"),
@@ -143,6 +162,11 @@ def make_handler(state: FakeState):
                 })
             else:
                 self._send_json(404, {"error": "not found"})
+
+        def _flush(self):
+            with state.lock:
+                state.prompts.clear()
+            self._send_json(200, {"flushed": True})
 
         def _generate(self, req):
             ids = req.get("input_ids")
@@ -189,10 +213,14 @@ def make_handler(state: FakeState):
     return Handler
 
 
+class FakeHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # like uvicorn's backlog: concurrent connects are not dropped
+
+
 def start_fake_server_thread(**kw):
     state = FakeState(**kw)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    srv.daemon_threads = True
+    srv = FakeHTTPServer(("127.0.0.1", 0), make_handler(state))
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     return srv, state
@@ -206,14 +234,27 @@ def fake_server_main(argv):
     ap.add_argument("--backend", default="flashinfer")
     ap.add_argument("--startup-delay", type=float, default=0.3)
     ap.add_argument("--tokenselect-stats-interval", type=int, default=0)
+    ap.add_argument("--token-delay", type=float, default=0.002)
     args, rest = ap.parse_known_args(argv)
+    print(f"fake env {eb.ALLOW_LONGER_CONTEXT_ENV}={os.environ.get(eb.ALLOW_LONGER_CONTEXT_ENV)}", flush=True)
     # A child in the same process group, like SGLang's scheduler/detokenizer.
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     print(f"fake server child pid={child.pid}", flush=True)
-    state = FakeState(backend=args.backend, startup_delay=args.startup_delay,
+
+    def on_sigterm(signum, frame):
+        # Like SGLang's launcher: reap the child (the group's SIGTERM reached it too), then
+        # die of the signal; without this the orphan waits for PID 1 to reap it.
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    state = FakeState(backend=args.backend, startup_delay=args.startup_delay, token_delay=args.token_delay,
                       stats_interval=args.tokenselect_stats_interval, extra_args=rest)
-    srv = ThreadingHTTPServer((args.host, args.port), make_handler(state))
-    srv.daemon_threads = True
+    srv = FakeHTTPServer((args.host, args.port), make_handler(state))
     print(f"fake sglang server ({args.backend}) on {args.host}:{args.port} extra={rest}", flush=True)
     srv.serve_forever()
 
@@ -221,6 +262,11 @@ def fake_server_main(argv):
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
+
+
+def have_matplotlib():
+    return importlib.util.find_spec("matplotlib") is not None
+
 
 
 @pytest.fixture(scope="module")
@@ -495,6 +541,243 @@ def test_build_server_cmd():
         eb.split_backend("flashinfer@bogus")
 
 
+def test_split_backend_threshold_variants():
+    flag = eb.THRESHOLD_FLAG
+    assert eb.split_backend("tokenselect@t1") == ("tokenselect", [f"{flag}=1"])
+    assert eb.split_backend("tokenselect@t0.9") == ("tokenselect", [f"{flag}=0.9"])
+    assert eb.split_backend("tokenselect@t-1") == ("tokenselect", [f"{flag}=-1"])
+    assert eb.split_backend("tokenselect@t.5") == ("tokenselect", [f"{flag}=.5"])
+    assert eb.split_backend("tokenselect@t0.9@nocg") == ("tokenselect", [f"{flag}=0.9", "--disable-cuda-graph"])
+    assert eb.split_backend("flashinfer@nocg") == ("flashinfer", ["--disable-cuda-graph"])
+    assert eb.split_backend("tokenselect") == ("tokenselect", [])
+    for bad in ("flashinfer@t1", "tokenselect@tx", "tokenselect@t", "tokenselect@", "@nocg", "tokenselect@t1e"):
+        with pytest.raises(ValueError):
+            eb.split_backend(bad)
+    with pytest.raises(SystemExit):
+        eb.BenchConfig(eb.build_arg_parser().parse_args(["--out-dir", "x", "--backends", "flashinfer@t0.9"]))
+    # the "=" form keeps a negative threshold a value for an argparse parser like SGLang's
+    ap = argparse.ArgumentParser()
+    ap.add_argument(flag, type=float, default=0.9)
+    ap.add_argument("--port", type=int)
+    _, args = eb.split_backend("tokenselect@t-1")
+    assert ap.parse_args(args + ["--port", "1"]).tokenselect_cache_threshold == -1.0
+
+
+def test_build_server_cmd_threshold_context_length_and_env():
+    ts_args = "--tokenselect-stats-interval 64 --tokenselect-cache-threshold 0.5"
+    ts = eb.build_server_cmd("tokenselect@t-1", "/m", "127.0.0.1", 30000, "py",
+                             eb.DEFAULT_COMMON_SERVER_ARGS, "--foo 1", ts_args, context_length=266240)
+    assert ts[:3] == ["py", "-m", "sglang_tokenselect.launch_server"]
+    assert ts[ts.index("--context-length") + 1] == "266240"
+    # the label's threshold comes after --tokenselect-args (argparse: last wins), extra args last
+    assert ts.index(f"{eb.THRESHOLD_FLAG}=-1") > ts.index("--tokenselect-cache-threshold")
+    assert ts[-2:] == ["--foo", "1"]
+    fi = eb.build_server_cmd("flashinfer", "/m", "127.0.0.1", 30000, "py", "", "", ts_args,
+                             context_length=266240)
+    assert fi[fi.index("--context-length") + 1] == "266240"
+    assert not any(a.startswith(eb.THRESHOLD_FLAG) for a in fi)
+    plain = eb.build_server_cmd("tokenselect@t1", "/m", "127.0.0.1", 30000, "py", "", "", "")
+    assert "--context-length" not in plain and plain[-1] == f"{eb.THRESHOLD_FLAG}=1"
+    assert eb.server_env(266240) == {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+    assert eb.server_env(None) == {}
+    a = eb.build_arg_parser().parse_args(["--out-dir", "x", "--context-length", "266240"])
+    assert eb.BenchConfig(a).context_length == 266240
+    assert a.server_start_timeout == 480.0
+
+
+def test_max_running_requests_for_throughput():
+    f = eb.with_min_running_requests
+    assert f("--max-running-requests 16 --chunked-prefill-size 16384", 64) == \
+        "--max-running-requests 64 --chunked-prefill-size 16384"
+    assert f("--max-running-requests=128", 64) == "--max-running-requests=128"
+    assert f("--max-running-requests=8", 64) == "--max-running-requests=64"
+    assert f("", 32) == "--max-running-requests 32"
+    ap = eb.build_arg_parser()
+    tput = eb.BenchConfig(ap.parse_args(["--out-dir", "x", "--phases", "warmup,throughput"]))
+    assert tput.throughput == [(32, 24576), (64, 8192)] and tput.throughput_decode_tokens == 128
+    assert eb.throughput_common_args(tput, eb.DEFAULT_COMMON_SERVER_ARGS, "") == \
+        "--max-running-requests 64 --chunked-prefill-size 16384"
+    assert eb.throughput_common_args(tput, "--x 1", "--max-running-requests 8") == "--x 1"
+    no_tput = eb.BenchConfig(ap.parse_args(["--out-dir", "x"]))
+    assert "throughput" not in no_tput.phases
+    assert eb.throughput_common_args(no_tput, "--max-running-requests 16", "") == "--max-running-requests 16"
+
+
+def test_parse_throughput():
+    assert eb.parse_throughput("32x24576, 64x8192") == [(32, 24576), (64, 8192)]
+    assert eb.parse_throughput("4X1000") == [(4, 1000)]
+    for bad in ("32", "x100", "0x100", "3x0", "axb"):
+        with pytest.raises(ValueError):
+            eb.parse_throughput(bad)
+    with pytest.raises(SystemExit):
+        eb.BenchConfig(eb.build_arg_parser().parse_args(["--out-dir", "x", "--throughput", "32by8"]))
+    assert eb.throughput_label(32, 24576) == "32x24576"
+
+
+def _staggered_streams():
+    """Request A: first token at 1.0 s, stalled while B prefills, then 10 ms/token;
+    B: first token at 3.005 s, then 10 ms/token; 10 tokens each; both sent at 0."""
+    a = [(1.0, 1)] + [(3.0 + 0.01 * k, 1 + k) for k in range(1, 10)]
+    b = [(3.005 + 0.01 * k, 1 + k) for k in range(10)]
+    return [{"t_send": 0.0, "events": a, "ok": True}, {"t_send": 0.0, "events": b, "ok": True}]
+
+
+def test_steady_window_helpers():
+    streams = _staggered_streams()
+    a, b = streams[0]["events"], streams[1]["events"]
+    start, end = eb.steady_window([a, b])
+    assert start == pytest.approx(3.005) and end == pytest.approx(3.09)
+    assert eb.tokens_at(a, 0.5) == 0 and eb.tokens_at(a, 2.0) == 1 and eb.tokens_at(a, 3.09) == 10
+    assert eb.tokens_at(b, 3.09) == 9
+    iv = eb.window_intervals(a, start, end)
+    assert len(iv) == 8 and all(x == pytest.approx(0.01) for x in iv)
+    # a coalesced chunk of 3 tokens after 30 ms is three 10 ms intervals
+    assert eb.window_intervals([(0.0, 1), (0.03, 4)], 0.0, 1.0) == pytest.approx([0.01] * 3)
+    # no overlap (A done before B starts), or a stream without tokens: no window
+    assert eb.steady_window([[(1.0, 1), (1.1, 2)], [(2.0, 1), (2.1, 2)]]) is None
+    assert eb.steady_window([a, []]) is None
+
+
+def test_summarize_throughput_math():
+    s = eb.summarize_throughput(_staggered_streams(), prompt_len=1000, n_new=10)
+    assert s["n_requests"] == 2 and s["n_ok"] == 2 and s["output_tokens"] == 20
+    assert s["prefill_tokens"] == 2000
+    assert s["prefill_s"] == pytest.approx(3.005)
+    assert s["prefill_tokens_per_s"] == pytest.approx(2000 / 3.005, rel=1e-3)
+    assert s["ttft_s"] == {"min": 1.0, "median": pytest.approx(2.0025, abs=1e-3), "max": pytest.approx(3.005)}
+    assert s["wall_s"] == pytest.approx(3.095)
+    # window [3.005, 3.09]: A 1 -> 10 tokens (9), B 1 -> 9 tokens (8): 17 tokens in 85 ms
+    assert s["steady_window_s"] == pytest.approx(0.085, abs=1e-4)
+    assert s["steady_tokens"] == 17
+    assert s["steady_decode_tokens_per_s"] == pytest.approx(200.0, rel=1e-3)
+    assert s["steady_ms_per_step"] == pytest.approx(10.0, rel=1e-3)
+    assert s["steady_per_request_decode_ms"]["median"] == pytest.approx(10.0, rel=1e-3)
+    # whole-stream medians ignore A's one long stall
+    assert s["per_request_decode_ms"]["max"] == pytest.approx(10.0, rel=1e-3)
+    late = _staggered_streams()
+    late[1]["events"] = [(t + 1.0, n) for t, n in late[1]["events"]]  # B starts after A finished
+    s2 = eb.summarize_throughput(late, prompt_len=1000, n_new=10)
+    assert s2["steady_window_s"] is None and "steady_decode_tokens_per_s" not in s2 and s2["steady_note"]
+    assert eb.summarize_throughput([], 10, 10)["n_requests"] == 0
+
+
+def test_time_plan():
+    # warm machine, two backends, 540 s: the first start may take 375 s (the second keeps 150 s)
+    assert eb.start_limit_s(540, 2, 480) == pytest.approx(375)
+    assert eb.start_limit_s(540, 1, 480) == pytest.approx(480)
+    assert eb.start_limit_s(540, 1, 600) == pytest.approx(525)
+    assert eb.start_limit_s(120, 2, 30) == pytest.approx(30)  # small budgets: equal shares
+    assert eb.start_limit_s(100, 3, 480) == pytest.approx(85 / 3)
+    # phases: equal share after the later starts (guessed as this one's, at most 90 s)
+    assert eb.phase_time_s(470, 2, 70) == pytest.approx((470 - 15 - 70) / 2)
+    assert eb.phase_time_s(240, 2, 300) == pytest.approx((240 - 15 - 90) / 2)
+    assert eb.phase_time_s(300, 1, 70) == pytest.approx(285)
+    assert eb.phase_time_s(10, 2, 5) == 0.0
+
+
+def test_phase_throughput_against_fake_server(fake_server):
+    url, state = fake_server
+    state.token_delay = 0.004
+    c = eb.HttpClient(url)
+    cfg = eb.BenchConfig(eb.build_arg_parser().parse_args([
+        "--out-dir", "x", "--phases", "throughput", "--throughput", "3x512,2x256",
+        "--throughput-decode-tokens", "40"]))
+    si = {"max_total_num_tokens": 400000, "max_running_requests": 16}
+    res = eb.phase_throughput(c, cfg, eb.Budget(60), si)
+    assert res["ok"], res
+    assert [x["config"] for x in res["configs"]] == ["3x512", "2x256"]
+    for x in res["configs"]:
+        assert x["kv_pool_fits"] is True and x["warnings"] == [] and x["flush_cache_status"] == 200
+        assert x["steady_decode_tokens_per_s"] > 0 and x["steady_window_s"] > 0
+    assert res["configs"][0]["kv_tokens_needed"] == 3 * (512 + 40)
+    small = eb.run_throughput_config(c, 2, 256, 8, eb.Budget(30),
+                                     {"max_total_num_tokens": 300, "max_running_requests": 1}, seed=5)
+    assert small["kv_pool_fits"] is False and len(small["warnings"]) == 2
+    skipped = eb.phase_throughput(c, cfg, eb.Budget(1), si)
+    assert all("skipped" in x for x in skipped["configs"]) and skipped["ok"] is False
+    json.dumps([res, small, skipped])
+    c.close()
+
+
+def _results_with(labels_ms, contexts=(4096, 32768)):
+    """Minimal results: ``{label: [ms per context]}`` as long_context entries."""
+    backends = {}
+    for b, ms in labels_ms.items():
+        backends[b] = {"server": {"cmd": b, "ready": True}, "errors": [], "phases": {"long_context": {
+            "ok": True, "contexts": [{"context": L, "ok": True, "decode_ms_per_token": m}
+                                     for L, m in zip(contexts, ms) if m is not None]}}}
+    return {"schema_version": 1, "date": "d", "command": "c", "device": {"name": "H200"}, "versions": {},
+            "status": "complete", "config": {"backends": list(labels_ms), "contexts": list(contexts)},
+            "backends": backends, "comparison": {}, "summary": {}}
+
+
+def test_ratio_to_flashinfer_table():
+    r = eb.summarize(_results_with({"tokenselect@t1": [10.0, 12.0], "flashinfer": [5.0, 6.0],
+                                    "tokenselect@t-1": [7.5, None]}))
+    ratio = r["summary"]["ratio_to_flashinfer"]
+    assert ratio["reference"] == "flashinfer"  # not the first label
+    assert ratio["labels"] == ["tokenselect@t1", "tokenselect@t-1"]
+    assert ratio["rows"][0] == {"context": 4096, "reference_ms_per_token": 5.0,
+                                "ratios": {"tokenselect@t1": 2.0, "tokenselect@t-1": 1.5}}
+    assert ratio["rows"][1]["ratios"] == {"tokenselect@t1": 2.0, "tokenselect@t-1": None}
+    table = eb.format_table(r)
+    assert "ratio to flashinfer" in table and "2.000" in table and "1.500" in table
+    # flashinfer@nocg stands in when plain flashinfer did not run; none at all: no table
+    r2 = eb.summarize(_results_with({"flashinfer@nocg": [4.0, 4.0], "tokenselect": [8.0, 6.0]}))
+    assert r2["comparison"]["ratio_to_flashinfer"]["reference"] == "flashinfer@nocg"
+    assert r2["comparison"]["ratio_to_flashinfer"]["rows"][1]["ratios"]["tokenselect"] == 1.5
+    r3 = eb.summarize(_results_with({"tokenselect": [8.0, 6.0]}))
+    assert r3["summary"]["ratio_to_flashinfer"] is None and "ratio to" not in eb.format_table(r3)
+    assert eb.validate_results(r) == []
+
+
+def test_throughput_table_and_problems():
+    r = _results_with({"flashinfer": [5.0, 6.0], "tokenselect@t1": [8.0, 9.0]})
+    r["backends"]["flashinfer"]["phases"]["throughput"] = {"ok": True, "configs": [
+        {"config": "32x24576", "ok": True, "steady_decode_tokens_per_s": 1000.0, "steady_ms_per_step": 32.0,
+         "prefill_s": 60.0, "kv_pool_fits": True, "n_ok": 32, "n_requests": 32, "warnings": []}]}
+    r["backends"]["tokenselect@t1"]["phases"]["throughput"] = {"ok": True, "configs": [
+        {"config": "32x24576", "ok": True, "steady_decode_tokens_per_s": 2500.0, "steady_ms_per_step": 12.8,
+         "prefill_s": 61.0, "kv_pool_fits": False, "n_ok": 32, "n_requests": 32,
+         "warnings": ["KV pool too small: ..."], "steady_per_request_decode_ms": {"median": 12.9}},
+        {"config": "64x8192", "skipped": "time budget (5 s left, need ~56 s)"}]}
+    eb.summarize(r)
+    rows = r["comparison"]["throughput"]
+    assert len(rows) == 1 and rows[0]["config"] == "32x24576" and rows[0]["reference"] == "flashinfer"
+    assert rows[0]["tokens_per_s_ratio_to_reference"] == {"tokenselect@t1": 2.5}
+    assert rows[0]["backends"]["tokenselect@t1"]["steady_per_request_decode_ms_median"] == 12.9
+    probs = r["summary"]["problems"]
+    assert any("64x8192 skipped" in p for p in probs) and any("KV pool too small" in p for p in probs)
+    table = eb.format_table(r)
+    assert "throughput" in table and "2.500" in table and "[KV pool too small]" in table
+
+
+def test_plot_decode_and_cli(tmp_path, capsys):
+    r = eb.summarize(_results_with({"flashinfer": [5.0, 6.0, 8.5, 13.0], "tokenselect@t1": [9.0, 9.5, 10.0, 11.0]},
+                                   contexts=(4096, 32768, 131072, 262144)))
+    assert plot_e2e.plot_decode(_results_with({"x": [None, None]}), str(tmp_path / "none.png")) == \
+        {"skipped": "no long_context results"}
+    assert plot_e2e._context_tick(262144) == "256K" and plot_e2e._context_tick(1000) == "1000"
+    out = tmp_path / "plot.png"
+    res = plot_e2e.plot_decode(r, str(out))
+    if not have_matplotlib():
+        assert "matplotlib" in res["skipped"] and not out.exists()
+        return
+    assert res["labels"] == ["flashinfer", "tokenselect@t1"] and res["contexts"] == [4096, 32768, 131072, 262144]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # CLI: merge two files (a later file's label wins), plot, print the ratio table
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_results_with({"flashinfer": [5.0, 6.0], "tokenselect@t1": [1.0, 1.0]})))
+    b.write_text(json.dumps(_results_with({"tokenselect@t1": [10.0, 9.0], "tokenselect@t-1": [7.5, 6.0]})))
+    merged = plot_e2e.merge_results([str(a), str(b)])
+    assert merged["config"]["compare_order"] == ["flashinfer", "tokenselect@t1", "tokenselect@t-1"]
+    assert merged["summary"]["ratio_to_flashinfer"]["rows"][0]["ratios"] == {
+        "tokenselect@t1": 2.0, "tokenselect@t-1": 1.5}
+    assert plot_e2e.main([str(a), str(b), str(tmp_path / "m.png")]) == 0
+    assert "ratio to flashinfer" in capsys.readouterr().out and (tmp_path / "m.png").exists()
+    assert plot_e2e.main([str(a)]) == 2  # usage
+
+
 def test_quick_config():
     ap = eb.build_arg_parser()
     c = eb.BenchConfig(ap.parse_args(["--out-dir", "x", "--quick"]))
@@ -642,7 +925,9 @@ def test_main_end_to_end_with_fake_servers(tmp_path, model_dir):
     assert rc == 0
     assert time.time() - t0 < 90
     files = sorted(os.listdir(out))
-    assert files == sorted(["e2e.json", "e2e_stdout.log", "server_flashinfer.log", "server_tokenselect.log"])
+    assert files == sorted(["e2e.json", "e2e_stdout.log", "server_flashinfer.log", "server_tokenselect.log",
+                            "e2e_decode.png"] if have_matplotlib() else
+                           ["e2e.json", "e2e_stdout.log", "server_flashinfer.log", "server_tokenselect.log"])
     assert len(files) <= 8
     with open(out / "e2e.json") as f:
         r = json.load(f)
@@ -655,8 +940,9 @@ def test_main_end_to_end_with_fake_servers(tmp_path, model_dir):
         assert br["server"]["ready"], br["server"]
         assert br["server"]["stop"]["group_alive_after_stop"] is False
         ph = br["phases"]
-        for name in eb.ALL_PHASES:
+        for name in eb.DEFAULT_PHASES:
             assert ph[name].get("ok"), (b, name, ph[name])
+        assert "throughput" not in ph  # only on request
         assert ph["log"]["traceback_count"] == 0
         si = br["server"]["server_info"]
         assert si["attention_backend"] == b
@@ -709,22 +995,77 @@ def test_normalize_argv():
 
 
 def test_main_split_runs_compare_with(tmp_path, model_dir):
-    template = f"{{python}} {THIS_FILE} --fake-server --host {{host}} --port {{port}} --backend {{backend}}"
-    common = ["--model-dir", model_dir, "--phases", "correctness,long_context", "--contexts", "2048",
-              "--decode-tokens", "8", "--time-budget", "60", "--server-cmd", template, "--stop-grace", "2"]
+    """Two runs like gpu_session's e2e-*-a / -b: flashinfer first, then two tokenselect
+    threshold variants merged via --compare-with; context length, throughput phase,
+    ratio table and plot on the merge."""
+    template = (f"{{python}} {THIS_FILE} --fake-server --host {{host}} --port {{port}} --backend {{backend}}"
+                " --token-delay 0.004")
+    common = ["--model-dir", model_dir, "--phases", "correctness,long_context,throughput",
+              "--contexts", "2048,4096", "--decode-tokens", "8", "--context-length", "266240",
+              "--throughput", "3x256", "--throughput-decode-tokens", "40",
+              "--time-budget", "120", "--server-cmd", template, "--stop-grace", "2"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     assert eb.main(["--out-dir", str(out_a), "--backends", "flashinfer",
                     "--port", str(eb.pick_port("127.0.0.1", 39500))] + common) == 0
-    assert eb.main(["--out-dir", str(out_b), "--backends", "tokenselect",
+    assert eb.main(["--out-dir", str(out_b), "--backends", "tokenselect@t1,tokenselect@t-1",
                     "--port", str(eb.pick_port("127.0.0.1", 39600)),
                     "--compare-with", str(out_a / "e2e.json")] + common) == 0
     with open(out_b / "e2e.json") as f:
         r = json.load(f)
-    assert r["config"]["compare_order"] == ["flashinfer", "tokenselect"]
+    labels = ["flashinfer", "tokenselect@t1", "tokenselect@t-1"]
+    assert r["config"]["compare_order"] == labels
+    assert list(r["backends"]) == labels  # the label is the key
     assert r["backends"]["flashinfer"]["from_file"]["path"].endswith("e2e.json")
     assert r["comparison"]["identical_outputs"]["all_identical"] is True
-    assert r["comparison"]["decode_ms_per_token"][0]["ratio_tokenselect_over_flashinfer"] > 0
+    assert r["comparison"]["decode_ms_per_token"][0]["ratio_tokenselect@t1_over_flashinfer"] > 0
     assert eb.validate_results(r) == []
+    for b in labels:
+        srv = r["backends"][b]["server"]
+        assert "--context-length 266240" in srv["cmd"]
+        assert srv["env"] == {eb.ALLOW_LONGER_CONTEXT_ENV: "1"}
+        assert srv["server_info"]["context_length"] == 266240
+        log_dir = out_a if b == "flashinfer" else out_b
+        assert f"fake env {eb.ALLOW_LONGER_CONTEXT_ENV}=1" in (log_dir / srv["log_file"]).read_text()
+    si = {b: r["backends"][b]["server"]["server_info"] for b in labels}
+    assert si["tokenselect@t1"]["tokenselect_cache_threshold"] == 1.0
+    assert si["tokenselect@t-1"]["tokenselect_cache_threshold"] == -1.0
+    assert si["flashinfer"]["tokenselect_cache_threshold"] is None
+    assert r["backends"]["tokenselect@t-1"]["server"]["log_file"] == "server_tokenselect_t-1.log"
+    # throughput phase on every label, merged into one table
+    for b in labels:
+        tp = r["backends"][b]["phases"]["throughput"]
+        c = tp["configs"][0]
+        assert c["config"] == "3x256" and c["n_ok"] == 3 and c["kv_pool_fits"] is True, c
+        assert c["steady_decode_tokens_per_s"] > 0 and c["prefill_s"] >= 0 and c["flush_cache_status"] == 200
+    row = r["comparison"]["throughput"][0]
+    assert row["config"] == "3x256" and set(row["backends"]) == set(labels)
+    assert set(row["tokens_per_s_ratio_to_reference"]) == {"tokenselect@t1", "tokenselect@t-1"}
+    # ratio-to-flashinfer table in the summary, the printed table and the plot
+    ratio = r["summary"]["ratio_to_flashinfer"]
+    assert ratio == r["comparison"]["ratio_to_flashinfer"]
+    assert ratio["reference"] == "flashinfer" and ratio["labels"] == ["tokenselect@t1", "tokenselect@t-1"]
+    assert [row["context"] for row in ratio["rows"]] == [2048, 4096]
+    assert all(v > 0 for row in ratio["rows"] for v in row["ratios"].values())
+    stdout = (out_b / "e2e_stdout.log").read_text()
+    assert "ratio to flashinfer" in stdout and "tokenselect@t-1" in stdout and "3x256" in stdout
+    if have_matplotlib():
+        assert r["plot"]["labels"] == labels
+        assert (out_b / eb.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib" in r["plot"]["skipped"]
+
+
+def test_load_previous_chains_merges(tmp_path):
+    prev = _results_with({"flashinfer": [5.0, 6.0], "tokenselect@t1": [9.0, 9.0], "tokenselect@t-1": [7.0, 7.0]})
+    prev["config"]["backends"] = ["tokenselect@t-1"]  # run in that file; the others merged into it
+    prev["config"]["compare_order"] = ["flashinfer", "tokenselect@t1", "tokenselect@t-1"]
+    prev["backends"]["flashinfer"]["from_file"] = {"path": "/first/e2e.json"}
+    path = tmp_path / "prev.json"
+    path.write_text(json.dumps(prev))
+    got, order = eb.load_previous(str(path), ["tokenselect@t1"])
+    assert order == ["flashinfer", "tokenselect@t-1"]
+    assert got["flashinfer"]["from_file"] == {"path": "/first/e2e.json"}  # first origin kept
+    assert got["tokenselect@t-1"]["from_file"]["path"] == str(path)
 
 
 def test_main_server_fails_to_start(tmp_path, model_dir):
