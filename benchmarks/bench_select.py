@@ -15,6 +15,7 @@ topk=2048; B in {1, 4, 16} x L in {32K, 128K, 512K} (``--quick``: B in {1, 4}, L
      per layer within a graph of ``LAYERS_PER_GRAPH`` layer calls (as in a decode step:
      launch gaps, no graph-launch cost), and one layer per replay;
    - an empty graph (one tiny kernel): the graph-launch cost inside the one-layer numbers;
+   - per launch (gate, score, select): differences of timed prefixes, one graph each;
    - dense FlashInfer decode over all L tokens and over the 2,688-token budget.
 
 Writes JSON (``--out``) and, with ``--plot``, a PNG beside it.
@@ -49,6 +50,9 @@ LAYERS_PER_GRAPH = 16
 WARMUP_MS, REP_MS = 10, 40
 DEVICE = "cuda"
 KW = dict(n_init=N_INIT, n_local=N_LOCAL, topk=TOPK, scale=1.0, vote="soft")
+# Launch configs tried by --sweep: module constants of triton_select -> values.
+SWEEP = [dict(SCORE_PROGRAMS_PER_SM=4, SCORE_STAGES=3), dict(SCORE_PROGRAMS_PER_SM=6, SCORE_STAGES=4)] + [
+    dict(VOTE_HEAD_CHUNK=n) for n in (2, 8)] + [dict(SELECT_MAX_SPLIT=n) for n in (32, 128, 264)]
 
 
 def parse_args(argv=None):
@@ -57,6 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=f"benchmarks/results/select_h200_{today}.json")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--quick", action="store_true", help="B in {1, 4}, L in {32K, 128K}")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the launch configs of SWEEP at B in {1, 4}, L=128K")
     return parser.parse_args(argv)
 
 
@@ -119,6 +125,25 @@ def make_layer(batch, seq_len, *, seed=0, with_v=False, layers=1):
     scratch = ts.alloc_scratch(batch, batch * seq_len, H_Q, DEVICE)
     v_buffer = torch.randn_like(k_buffer) if with_v else None
     return inputs, cache, scratch, v_buffer
+
+
+def stage_prefix_fn(inputs, cache, scratch, threshold, upto):
+    """The first ``upto`` launches of one layer's selection."""
+    stages = ts.decode_select_stages(*inputs.values(), *(t[0] for t in cache.values()), scratch,
+                                     threshold=threshold, **KW)
+
+    def run():
+        for _, launch in stages[:upto]:
+            launch()
+    return run, [name for name, _ in stages]
+
+
+def stage_breakdown(inputs, cache, scratch, threshold) -> dict[str, float]:
+    """µs of each launch of a layer, as differences of timed prefixes (one graph each)."""
+    _, names = stage_prefix_fn(inputs, cache, scratch, threshold, 0)
+    cumulative = [graph_us(stage_prefix_fn(inputs, cache, scratch, threshold, n)[0])
+                  for n in range(1, len(names) + 1)]
+    return {name: round(t - (cumulative[i - 1] if i else 0.0), 2) for i, (name, t) in enumerate(zip(names, cumulative))}
 
 
 def layer_fn(inputs, cache, scratch, threshold, layers=1):
@@ -213,9 +238,11 @@ def bench_row(batch, seq_len, copy_bw):
     row = dict(B=batch, L=seq_len, candidates=candidates, k_bytes=k_bytes,
                floor_us=k_bytes / copy_bw * 1e6, scratch_mb=scratch.nbytes / 2**20)
     row["miss_us"] = graph_us(layer_fn(inputs, cache, scratch, 1.0))
+    row["miss_stages_us"] = stage_breakdown(inputs, cache, scratch, 1.0)
     row["miss_us_in_graph"] = graph_us(layer_fn(inputs, cache, scratch, 1.0, LAYERS_PER_GRAPH)) / LAYERS_PER_GRAPH
     layer_fn(inputs, cache, scratch, 1.0, LAYERS_PER_GRAPH)()  # every layer's cache valid
     row["hit_us"] = graph_us(layer_fn(inputs, cache, scratch, -1.0))
+    row["hit_stages_us"] = stage_breakdown(inputs, cache, scratch, -1.0)
     row["hit_us_in_graph"] = graph_us(layer_fn(inputs, cache, scratch, -1.0, LAYERS_PER_GRAPH)) / LAYERS_PER_GRAPH
     assert cache["counters"][:, 0].sum() > 0, "the hit rows did not hit"
     args = (inputs["q"], inputs["k_buffer"], v_buffer, inputs["req_to_token"], inputs["req_pool_indices"])
@@ -226,6 +253,27 @@ def bench_row(batch, seq_len, copy_bw):
     del inputs, cache, scratch, v_buffer
     torch.cuda.empty_cache()
     return row
+
+
+def sweep_rows():
+    """Per config of SWEEP: each launch's µs (miss layer) at B in {1, 4}, L=128K."""
+    out = []
+    for batch in (1, 4):
+        inputs, cache, scratch, _ = make_layer(batch, 128 * 1024)
+        for config in SWEEP:
+            saved = {k: getattr(ts, k) for k in config}
+            for k, v in config.items():
+                setattr(ts, k, v)
+            try:
+                out.append(dict(B=batch, L=128 * 1024, config=config,
+                                stages_us=stage_breakdown(inputs, cache, scratch, 1.0)))
+            finally:
+                for k, v in saved.items():
+                    setattr(ts, k, v)
+            print(f"  sweep B={batch} {config}: {out[-1]['stages_us']}", flush=True)
+        del inputs, cache, scratch
+        torch.cuda.empty_cache()
+    return out
 
 
 def dense_row(batch):
@@ -316,16 +364,18 @@ def main(argv=None):
         for seq_len in contexts:
             rows.append(bench_row(batch, seq_len, copy_bw))
             r = rows[-1]
-            print(f"  B={batch} L={seq_len // 1024}K: miss {r['miss_us']:.1f} µs (floor {r['floor_us']:.1f}), "
-                  f"hit {r['hit_us_in_graph']:.1f} µs, FlashInfer {r['flashinfer_dense_us']:.1f} µs", flush=True)
+            print(f"  B={batch} L={seq_len // 1024}K: miss {r['miss_us']:.1f} µs (floor {r['floor_us']:.1f}) "
+                  f"{r['miss_stages_us']}, hit {r['hit_us_in_graph']:.1f} µs {r['hit_stages_us']}, "
+                  f"FlashInfer {r['flashinfer_dense_us']:.1f} µs", flush=True)
     print_table(rows, dense_rows, empty_us, copy_bw)
+    sweep = sweep_rows() if args.sweep else []
     result = dict(
         device=torch.cuda.get_device_name(), versions=versions(),
         command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         config=dict(H_q=H_Q, H_kv=H_KV, D=HEAD_DIM, dtype=str(DTYPE), n_init=N_INIT, n_local=N_LOCAL,
                     topk=TOPK, layers_per_graph=LAYERS_PER_GRAPH),
-        copy_bandwidth_Bps=copy_bw, empty_graph_us=empty_us, rows=rows, dense_rows=dense_rows,
+        copy_bandwidth_Bps=copy_bw, empty_graph_us=empty_us, rows=rows, dense_rows=dense_rows, sweep=sweep,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

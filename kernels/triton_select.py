@@ -1,26 +1,29 @@
-"""Triton kernels of one TokenSelect decode layer: gate, score, combine, vote, select.
+"""Triton kernels of one TokenSelect decode layer: gate, score, select.
 
 The PyTorch specification is ``kernels/reference.py:decode_select_reference``; this module's
-:func:`decode_select` computes the same thing in five launches, with no host syncs and grids
+:func:`decode_select` computes the same thing in three launches, with no host syncs and grids
 sized from static shapes only (CUDA-graph capturable):
 
-1. ``_gate_kernel``    grid (B,): per request, dense / Selection Cache hit / miss. Dense rows
-   write their whole KV index list; sparse rows write their ``n_init`` and ``n_local`` slots,
-   hit rows also the cached top-k slots. Miss rows store their query in the cache, clear
-   their radix scratch and set their flag in the work list (``scratch.miss``). Counters.
+1. ``_gate_kernel``    per request, dense / Selection Cache hit / miss. Dense rows write
+   their whole KV index list; sparse rows write their ``n_init`` and ``n_local`` slots, hit
+   rows also the cached top-k slots. Miss rows clear their radix scratch and set their flag
+   in the work list (``scratch.miss``). Counters. Grid (GATE_SPLIT, B): each program of a row
+   recomputes the cosine and copies a share.
 2. ``_score_kernel``   persistent: walks the (tile of 64 candidates, kv head) items of the
    miss rows only, reads each candidate key once, stores ``exp2(s - m_tile)`` in bf16 plus
    the tile max / sum-exp per head (soft vote), or the head-summed score (sum vote).
-3. ``_lse_kernel``     grid (H_q / 8, B): each head's log-sum-exp over its row's candidates.
-4. ``_vote_kernel``    persistent: ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the first
-   11-bit radix histogram of each row's votes (atomics).
-5. ``_select_kernel``  grid (SPLIT, B): the exact top-k. Every program takes a share of its
-   row: votes above the k-th value's first digit go straight to the cache, votes equal to it
-   go to a tie list with the second digit's histogram. The row's last program resolves the
-   tie list on the two remaining digits, then writes the top-k slots into the KV indices and
-   marks the cached selection valid.
+3. ``_select_kernel``  grid (SPLIT, B): the SPLIT programs of a miss row share it and meet
+   at a row barrier after each phase. Each head's log-sum-exp over the row (partials, then
+   combined by every program); the votes ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
+   histogram of their first 8-bit radix digit (on the order-preserving uint32 keys); then the
+   exact top-k: keys above the k-th key's digit go straight to the cache, keys equal to it to
+   a tie list with the next digit's histogram; the tie list is split the same way twice
+   more; program 0 takes the last digit's exact ties in list order, writes the top-k slots
+   into the KV indices, stores the query in the cache and marks the selection valid.
+   SPLIT * B never exceeds two programs per SM, so every program of a row is resident while
+   the others wait for it (one program per row in Triton's interpreter).
 
-Hit and dense layers cost launch 1 plus four launches that find no work. The scratch is
+Hit and dense layers cost launch 1 plus two launches that find no work. The scratch is
 sized by the work: the candidates of the miss rows are laid end to end in tiles of 64,
 bounded by ``capacity`` (SGLang's token pool); a miss row that does not fit falls back to the
 ``topk`` candidates just before its local window, is not cached, and counts as overflow.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 import triton
@@ -49,18 +53,19 @@ from sglang_tokenselect.kernels.reference import COUNTERS, check_threshold
 logger = logging.getLogger(__name__)
 
 BLOCK_N = 64  # candidates per scoring tile
-VOTE_TILES = 4  # tiles per vote work item
-VOTE_HEAD_CHUNK = 8  # query heads per step of the vote loop
-LSE_HEADS = 8  # query heads per log-sum-exp program
+VOTE_HEAD_CHUNK = 4  # query heads per step of the vote loop
 LSE_TILES = 64  # tile statistics per step of the log-sum-exp loop
-SELECT_BLOCK = 1024  # votes per step of the select loops
-GATE_BLOCK = 1024  # elements per step of the gate's copies
-HIST_BINS = 2048  # 11-bit digits: key bits [31:21], [20:10], then 10 bits [9:0]
-# radix scratch row: hist of digit 0, hist of digit 1, counters (above, equal, done, spare)
-RADIX_WORDS = 2 * HIST_BINS + 4
+SELECT_BLOCK = 2048  # votes per step of the select loops
+GATE_BLOCK = 512  # slots per step of the gate's copies
+GATE_SPLIT = 4  # gate programs per request (each recomputes the cosine, copies a share)
+RADIX_BITS = 8  # the top-k's radix digits: key bits [31:24], [23:16], [15:8], [7:0]
+HIST_BINS = 1 << RADIX_BITS
+# radix scratch row: a histogram per digit, then counters (chosen, tie lists 1-3, barriers 0-4)
+RADIX_COUNTERS = 4 * HIST_BINS
+RADIX_WORDS = RADIX_COUNTERS + 9
 SCORE_PROGRAMS_PER_SM = 4
 SCORE_STAGES = 3
-VOTE_PROGRAMS_PER_SM = 2
+SCORE_WARPS = None  # None: 4 for BLOCK_N * D <= 8192, else 8
 SELECT_MAX_SPLIT = 64
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM; the launcher asks the device when it is a GPU
 _LOG2E = 1.4426950408889634
@@ -80,10 +85,12 @@ class DecodeScratch:
     T = capacity / BLOCK_N tiles, Bm = max batch.
         miss       [Bm] int32        1 where the row selects afresh in the current layer
         probs      [T, H_q, BLOCK_N] bf16, ``exp2(s2 - m_tile)`` (s2 = scaled score in log2 units)
-        tile_max   [T, H_q] fp32;  tile_sum [T, H_q] fp32
-        lse        [Bm, H_q] fp32, ``log2 sum_j exp2(s2_j)`` per head
+        tile_max   [H_q, T] fp32;  tile_sum [H_q, T] fp32 (head-major: the log-sum-exp reads rows)
+        lse_parts  [Bm, 2, SELECT_MAX_SPLIT, H_q] fp32, per select program of a row: each
+                   head's max and sum of ``exp2(s2 - max)`` over its share of the tiles
         votes      [T * BLOCK_N] fp32, the miss rows' votes end to end
-        tie_key, tie_pos  [T * BLOCK_N] int32, the select kernel's tie lists
+        tie_key, tie_pos, tie_key2, tie_pos2  [T * BLOCK_N] int32, the select kernel's tie
+                   lists (ping-pong)
         radix      [Bm, RADIX_WORDS] int32
     """
 
@@ -91,10 +98,12 @@ class DecodeScratch:
     probs: torch.Tensor
     tile_max: torch.Tensor
     tile_sum: torch.Tensor
-    lse: torch.Tensor
+    lse_parts: torch.Tensor
     votes: torch.Tensor
     tie_key: torch.Tensor
     tie_pos: torch.Tensor
+    tie_key2: torch.Tensor
+    tie_pos2: torch.Tensor
     radix: torch.Tensor
 
     @property
@@ -115,7 +124,7 @@ def alloc_scratch(max_batch: int, capacity: int, num_q_heads: int, device) -> De
     """Scratch for batches of up to ``max_batch`` requests whose miss rows hold up to
     ``capacity`` candidates in all (each row rounded up to whole tiles of ``BLOCK_N``).
 
-    Bytes per candidate of capacity: ``2 * H_q`` (probs) + ``8 * H_q / 64`` (tile stats) + 12.
+    Bytes per candidate of capacity: ``2 * H_q`` (probs) + ``8 * H_q / 64`` (tile stats) + 20.
     """
     tiles = triton.cdiv(max(capacity, 1), BLOCK_N) + max_batch  # one partial tile per row
     n = tiles * BLOCK_N
@@ -123,12 +132,14 @@ def alloc_scratch(max_batch: int, capacity: int, num_q_heads: int, device) -> De
     return DecodeScratch(
         miss=torch.zeros(max_batch, dtype=i32, device=device),
         probs=torch.empty(tiles, num_q_heads, BLOCK_N, dtype=torch.bfloat16, device=device),
-        tile_max=torch.empty(tiles, num_q_heads, dtype=f32, device=device),
-        tile_sum=torch.empty(tiles, num_q_heads, dtype=f32, device=device),
-        lse=torch.empty(max_batch, num_q_heads, dtype=f32, device=device),
+        tile_max=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
+        tile_sum=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
+        lse_parts=torch.empty(max_batch, 2, SELECT_MAX_SPLIT, num_q_heads, dtype=f32, device=device),
         votes=torch.empty(n, dtype=f32, device=device),
         tie_key=torch.empty(n, dtype=i32, device=device),
         tie_pos=torch.empty(n, dtype=i32, device=device),
+        tie_key2=torch.empty(n, dtype=i32, device=device),
+        tie_pos2=torch.empty(n, dtype=i32, device=device),
         radix=torch.zeros(max_batch, RADIX_WORDS, dtype=i32, device=device),
     )
 
@@ -191,18 +202,20 @@ def _kth_digit(hist, k, BINS: tl.constexpr):
 
 
 @triton.jit
-def _copy_slots(out_ptr, r2t_row, first_pos, n, BLOCK: tl.constexpr):
-    """``out[i] = req_to_token[row, first_pos + i]`` for ``i < n``."""
-    for i0 in range(0, n, BLOCK):
+def _copy_slots(out_ptr, r2t_row, first_pos, n, BLOCK: tl.constexpr, part=0, PARTS: tl.constexpr = 1):
+    """``out[i] = req_to_token[row, first_pos + i]`` for ``i < n`` (blocks ``part``,
+    ``part + PARTS``, ... of them)."""
+    for i0 in range(part * BLOCK, n, PARTS * BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
         m = offs < n
         tl.store(out_ptr + offs, tl.load(r2t_row + first_pos + offs, mask=m), mask=m)
 
 
 @triton.jit
-def _gather_slots(out_ptr, r2t_row, pos_ptr, n, BLOCK: tl.constexpr):
-    """``out[i] = req_to_token[row, positions[i]]`` for ``i < n`` (positions read from L2)."""
-    for i0 in range(0, n, BLOCK):
+def _gather_slots(out_ptr, r2t_row, pos_ptr, n, BLOCK: tl.constexpr, part=0, PARTS: tl.constexpr = 1):
+    """``out[i] = req_to_token[row, positions[i]]`` for ``i < n`` (positions read from L2;
+    blocks ``part``, ``part + PARTS``, ... of them)."""
+    for i0 in range(part * BLOCK, n, PARTS * BLOCK):
         offs = i0 + tl.arange(0, BLOCK)
         m = offs < n
         pos = tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
@@ -218,51 +231,43 @@ def _gate_kernel(
     cq_ptr, cpos_ptr, cvalid_ptr, counter_ptr, miss_ptr, radix_ptr,
     stride_qb, stride_qh, stride_r2t, stride_cq, stride_cpos, stride_rb,
     n_init, n_local, topk, threshold, flat_dim,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, RADIX_WORDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, FLAT_PAD: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+    RADIX_WORDS: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    s = tl.program_id(0)
+    b = tl.program_id(1)
     seq_len = tl.load(seq_ptr + b).to(tl.int32)
     row = tl.load(rpi_ptr + b).to(tl.int64)
     out = kv_ptr + tl.load(indptr_ptr + b).to(tl.int64)
     r2t_row = r2t_ptr + row * stride_r2t
     if seq_len <= n_init + topk + n_local:  # dense: every position
-        _copy_slots(out, r2t_row, 0, seq_len, BLOCK)
-        tl.store(miss_ptr + b, 0)
-        if seq_len > 1:  # CUDA-graph padding rows have length 1
-            tl.atomic_add(counter_ptr + 2, 1, sem="relaxed")
+        _copy_slots(out, r2t_row, 0, seq_len, BLOCK, s, SPLIT)
+        if s == 0:
+            tl.store(miss_ptr + b, 0)
+            if seq_len > 1:  # CUDA-graph padding rows have length 1
+                tl.atomic_add(counter_ptr + 2, 1, sem="relaxed")
         return
-    _copy_slots(out, r2t_row, 0, n_init, BLOCK)
-    _copy_slots(out + n_init + topk, r2t_row, seq_len - n_local, n_local, BLOCK)
-    q_row = q_ptr + b.to(tl.int64) * stride_qb
-    cq_row = cq_ptr + row * stride_cq
-    dot = 0.0
-    nq = 0.0
-    nc = 0.0
-    for f0 in range(0, flat_dim, BLOCK):
-        offs = f0 + tl.arange(0, BLOCK)
-        m = offs < flat_dim
-        a = tl.load(q_row + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM, mask=m, other=0.0).to(tl.float32)
-        c = tl.load(cq_row + offs, mask=m, other=0.0).to(tl.float32)
-        dot += tl.sum(a * c, axis=0)
-        nq += tl.sum(a * a, axis=0)
-        nc += tl.sum(c * c, axis=0)
-    cos = dot / tl.maximum(tl.sqrt(nq * nc), 1e-6)
+    offs = tl.arange(0, FLAT_PAD)
+    m = offs < flat_dim
+    a = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM,
+                mask=m, other=0.0).to(tl.float32)
+    c = tl.load(cq_ptr + row * stride_cq + offs, mask=m, other=0.0).to(tl.float32)
+    _copy_slots(out, r2t_row, 0, n_init, BLOCK, s, SPLIT)
+    _copy_slots(out + n_init + topk, r2t_row, seq_len - n_local, n_local, BLOCK, s, SPLIT)
+    cos = tl.sum(a * c, axis=0) / tl.maximum(tl.sqrt(tl.sum(a * a, axis=0) * tl.sum(c * c, axis=0)), 1e-6)
     valid = tl.load(cvalid_ptr + row).to(tl.int32) != 0
     hit = valid & (threshold < 1.0) & ((threshold <= -1.0) | (cos >= threshold))
     if hit:
-        _gather_slots(out + n_init, r2t_row, cpos_ptr + row * stride_cpos, topk, BLOCK)
-        tl.store(miss_ptr + b, 0)
-        tl.atomic_add(counter_ptr + 0, 1, sem="relaxed")
-    else:
-        for f0 in range(0, flat_dim, BLOCK):
-            offs = f0 + tl.arange(0, BLOCK)
-            m = offs < flat_dim
-            a = tl.load(q_row + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM, mask=m)
-            tl.store(cq_row + offs, a.to(cq_ptr.dtype.element_ty), mask=m)
-        for z0 in tl.static_range(0, RADIX_WORDS, BLOCK):
-            offs = z0 + tl.arange(0, BLOCK)
-            tl.store(radix_ptr + b.to(tl.int64) * stride_rb + offs, tl.zeros((BLOCK,), tl.int32),
-                     mask=offs < RADIX_WORDS)
+        _gather_slots(out + n_init, r2t_row, cpos_ptr + row * stride_cpos, topk, BLOCK, s, SPLIT)
+        if s == 0:
+            tl.store(miss_ptr + b, 0)
+            tl.atomic_add(counter_ptr + 0, 1, sem="relaxed")
+    elif s == 0:
+        # The query is cached by the select kernel: the row's other gate programs read it.
+        for z0 in tl.static_range(0, RADIX_WORDS, 1024):
+            offs_z = z0 + tl.arange(0, 1024)
+            tl.store(radix_ptr + b.to(tl.int64) * stride_rb + offs_z, tl.zeros((1024,), tl.int32),
+                     mask=offs_z < RADIX_WORDS)
         tl.store(miss_ptr + b, 1)
         tl.atomic_add(counter_ptr + 1, 1, sem="relaxed")
 
@@ -274,7 +279,7 @@ def _gate_kernel(
 def _score_kernel(
     q_ptr, k_ptr, r2t_ptr, rpi_ptr, seq_ptr, miss_ptr,
     p_ptr, tmax_ptr, tsum_ptr, vote_ptr,
-    stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t,
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t, stride_th,
     batch, n_init, n_local, cap_tiles, scale,
     NUM_KV: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, STAGES: tl.constexpr,
@@ -329,109 +334,143 @@ def _score_kernel(
             base = tile.to(tl.int64) * NUM_HEADS + heads
             tl.store(p_ptr + base[None, :] * BLOCK_N + tl.arange(0, BLOCK_N)[:, None],
                      p.to(tl.bfloat16), mask=mask_g[None, :])
-            tl.store(tmax_ptr + base, m, mask=mask_g)
-            tl.store(tsum_ptr + base, tl.sum(p, axis=0), mask=mask_g)
+            stat = heads.to(tl.int64) * stride_th + tile
+            tl.store(tmax_ptr + stat, m, mask=mask_g)
+            tl.store(tsum_ptr + stat, tl.sum(p, axis=0), mask=mask_g)
 
 
-# ----------------------------------------------------------------------------- 3. log-sum-exp
+# ----------------------------------------------------------------------------- 3. select
 
 
 @triton.jit
-def _lse_kernel(
-    tmax_ptr, tsum_ptr, lse_ptr, seq_ptr, miss_ptr, stride_lb,
-    batch, n_init, n_local, cap_tiles,
-    NUM_HEADS: tl.constexpr, HEADS: tl.constexpr, TILES: tl.constexpr,
-    BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
-):
-    hc = tl.program_id(0)
-    b = tl.program_id(1)
-    rows, _, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
-                                             BLOCK_N, B_PAD)
-    n_tiles = _pick(rows, b, tiles)
-    if n_tiles == 0:
-        return
-    first = _pick(rows, b, firsts).to(tl.int64)
-    heads = hc * HEADS + tl.arange(0, HEADS)
+def _lse_partial(tmax_ptr, tsum_ptr, part_ptr, stride_th, stride_pp, first_tile, n_tiles, s,
+                 SPLIT: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, TILES: tl.constexpr):
+    """Each head's (max, sum of exp2) over this program's share of the row's tiles, stored
+    at ``part[0, s, :]`` and ``part[1, s, :]``."""
+    heads = tl.arange(0, H_PAD)
     mask_h = heads < NUM_HEADS
-    run_max = tl.full((HEADS,), -1.0e30, tl.float32)  # finite: the first rescale is 0, not NaN
-    run_sum = tl.zeros((HEADS,), tl.float32)
-    for t0 in range(0, n_tiles, TILES):
+    run_max = tl.full((H_PAD,), -1.0e30, tl.float32)  # finite: the first rescale is 0, not NaN
+    run_sum = tl.zeros((H_PAD,), tl.float32)
+    for t0 in range(s * TILES, n_tiles, SPLIT * TILES):
         offs_t = t0 + tl.arange(0, TILES)
-        m = (offs_t < n_tiles)[:, None] & mask_h[None, :]
-        off = (first + offs_t)[:, None] * NUM_HEADS + heads[None, :]
+        m = mask_h[:, None] & (offs_t < n_tiles)[None, :]
+        off = heads.to(tl.int64)[:, None] * stride_th + (first_tile + offs_t)[None, :]
         tm = tl.load(tmax_ptr + off, mask=m, other=float("-inf"))
         ts = tl.load(tsum_ptr + off, mask=m, other=0.0)
-        new_max = tl.maximum(run_max, tl.max(tm, axis=0))
-        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(ts * tl.exp2(tm - new_max[None, :]), axis=0)
+        new_max = tl.maximum(run_max, tl.max(tm, axis=1))
+        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(ts * tl.exp2(tm - new_max[:, None]), axis=1)
         run_max = new_max
-    run_sum = tl.where(mask_h, run_sum, 1.0)  # padded heads: no log2(0)
-    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads, run_max + tl.log2(run_sum), mask=mask_h)
-
-
-# ----------------------------------------------------------------------------- 4. vote
+    tl.store(part_ptr + s * NUM_HEADS + heads, run_max, mask=mask_h)
+    tl.store(part_ptr + stride_pp + s * NUM_HEADS + heads, run_sum, mask=mask_h)
 
 
 @triton.jit
-def _vote_kernel(
-    p_ptr, tmax_ptr, lse_ptr, vote_ptr, seq_ptr, miss_ptr, radix_ptr,
-    stride_lb, stride_rb,
-    batch, n_init, n_local, cap_tiles,
-    NUM_HEADS: tl.constexpr, H_CHUNK: tl.constexpr, VT: tl.constexpr, BLOCK_N: tl.constexpr,
-    B_PAD: tl.constexpr, BINS: tl.constexpr, SUM_VOTE: tl.constexpr,
-):
-    """Work item = VT consecutive tiles of one row."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    rows, cnt, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
-                                               BLOCK_N, B_PAD)
-    items = tl.cdiv(tiles, VT)
-    item_ends = tl.cumsum(items, axis=0)
-    total = tl.sum(items, axis=0)
-    sub = tl.arange(0, VT)
+def _lse_of(part_ptr, stride_pp, heads, mask_h, SPLIT: tl.constexpr, NUM_HEADS: tl.constexpr):
+    """[len(heads)] log2-sum-exp2 of each head over the row, from the programs' partials."""
+    SPLIT_PAD: tl.constexpr = max(2, triton.next_power_of_2(SPLIT))
+    sp = tl.arange(0, SPLIT_PAD)
+    m = (sp < SPLIT)[:, None] & mask_h[None, :]
+    off = sp[:, None] * NUM_HEADS + heads[None, :]
+    pm = tl.load(part_ptr + off, mask=m, other=-1.0e30, cache_modifier=".cg")
+    ps = tl.load(part_ptr + stride_pp + off, mask=m, other=0.0, cache_modifier=".cg")
+    top = tl.max(pm, axis=0)
+    lse = top + tl.log2(tl.maximum(tl.sum(ps * tl.exp2(pm - top[None, :]), axis=0), 1e-30))
+    return tl.where(mask_h, lse, 0.0)  # padded heads: 0, not -1e30 (their factor is masked)
+
+
+@triton.jit
+def _vote_block(p_ptr, tmax_ptr, part_ptr, stride_th, stride_pp, first_tile, n_tiles, blk,
+                NUM_HEADS: tl.constexpr, H_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK] votes ``sum_h p_hj exp2(m_tile,h - lse_h)`` of candidates ``blk * BLOCK + ...``."""
+    NT: tl.constexpr = BLOCK // BLOCK_N
+    local_tile = blk * NT + tl.arange(0, NT)
+    mask_t = local_tile < n_tiles
+    tile = first_tile + local_tile
     lane = tl.arange(0, BLOCK_N)
-    for it in range(pid, total, nprog):
-        b = tl.sum((item_ends <= it).to(tl.int32), axis=0)
-        local_tile = (it - _pick(rows, b, item_ends - items)) * VT + sub  # [VT] tiles of the row
-        mask_t = local_tile < _pick(rows, b, tiles)
-        tile = _pick(rows, b, firsts) + local_tile
-        cand = local_tile[:, None] * BLOCK_N + lane[None, :]  # [VT, BLOCK_N] candidate index
-        valid = cand < _pick(rows, b, cnt)
-        vote_ptrs = vote_ptr + tile.to(tl.int64)[:, None] * BLOCK_N + lane[None, :]
-        if SUM_VOTE:
-            vote = tl.load(vote_ptrs, mask=valid, other=float("-inf"))
+    vote = tl.zeros((NT, BLOCK_N), tl.float32)
+    for h0 in tl.static_range(0, NUM_HEADS, H_CHUNK):
+        heads = h0 + tl.arange(0, H_CHUNK)
+        mask_h = heads < NUM_HEADS
+        m2 = mask_h[:, None] & mask_t[None, :]
+        base = tile.to(tl.int64)[None, :] * NUM_HEADS + heads[:, None]  # [H_CHUNK, NT]
+        p = tl.load(p_ptr + base[:, :, None] * BLOCK_N + lane[None, None, :], mask=m2[:, :, None], other=0.0)
+        tm = tl.load(tmax_ptr + heads.to(tl.int64)[:, None] * stride_th + tile[None, :], mask=m2, other=0.0)
+        lse = _lse_of(part_ptr, stride_pp, heads, mask_h, SPLIT, NUM_HEADS)
+        factor = tl.where(m2, tl.exp2(tm - lse[:, None]), 0.0)
+        vote += tl.sum(p.to(tl.float32) * factor[:, :, None], axis=0)
+    return tl.reshape(vote, (BLOCK,))
+
+
+
+
+@triton.jit
+def _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim,
+                 HEAD_DIM: tl.constexpr, FLAT_PAD: tl.constexpr):
+    offs = tl.arange(0, FLAT_PAD)
+    m = offs < flat_dim
+    a = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM, mask=m)
+    tl.store(cq_ptr + row * stride_cq + offs, a.to(cq_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _row_barrier(bar_ptr, SPLIT: tl.constexpr):
+    """Wait until the SPLIT programs of a row have arrived (all are resident: see the grid)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel") + 1
+    while arrived < SPLIT:
+        arrived = tl.atomic_add(bar_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _digit(key, LEVEL: tl.constexpr, BITS: tl.constexpr):
+    return ((key >> (32 - BITS * (LEVEL + 1))) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _split_level(src_key, src_pos, n_src, dst_key, dst_pos, hist_ptr, chosen_ptr, dst_len_ptr, cpos_row,
+                 d, s, LEVEL: tl.constexpr, FROM_VOTES: tl.constexpr, n_init,
+                 SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """This program's share of one radix level: keys whose digit LEVEL is above ``d`` are
+    chosen (appended to the cache row), keys equal to it go to the next tie list, whose next
+    digit's histogram is added to ``hist_ptr``. ``FROM_VOTES``: the source is the row's votes
+    (positions implicit) rather than a tie list. chosen_ptr, dst_len_ptr: the counters of
+    chosen positions and of the next list."""
+    BINS: tl.constexpr = 1 << BITS
+    hist = tl.zeros((BINS,), tl.int32)
+    for blk in range(s, tl.cdiv(n_src, BLOCK), SPLIT):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < n_src
+        if FROM_VOTES:
+            key = _order_key(tl.load(src_key + offs, mask=valid, other=0.0))
+            pos = n_init + offs
         else:
-            vote = tl.zeros((VT, BLOCK_N), tl.float32)
-            for h0 in tl.static_range(0, NUM_HEADS, H_CHUNK):
-                heads = h0 + tl.arange(0, H_CHUNK)
-                mask_h = heads < NUM_HEADS
-                m2 = mask_h[:, None] & mask_t[None, :]
-                base = tile.to(tl.int64)[None, :] * NUM_HEADS + heads[:, None]  # [H_CHUNK, VT]
-                p = tl.load(p_ptr + base[:, :, None] * BLOCK_N + lane[None, None, :],
-                            mask=m2[:, :, None], other=0.0)
-                tm = tl.load(tmax_ptr + base, mask=m2, other=0.0)
-                lse = tl.load(lse_ptr + b.to(tl.int64) * stride_lb + heads, mask=mask_h, other=0.0)
-                factor = tl.where(m2, tl.exp2(tm - lse[:, None]), 0.0)
-                vote += tl.sum(p.to(tl.float32) * factor[:, :, None], axis=0)
-            vote = tl.where(valid, vote, float("-inf"))
-            tl.store(vote_ptrs, vote, mask=mask_t[:, None])
-        key = _order_key(tl.reshape(vote, (VT * BLOCK_N,)))
-        digit = (key >> 21).to(tl.int32)
-        h = tl.histogram(digit, BINS, mask=tl.reshape(valid, (VT * BLOCK_N,)))
-        tl.atomic_add(radix_ptr + b.to(tl.int64) * stride_rb + tl.arange(0, BINS), h,
-                      mask=h > 0, sem="relaxed")
-
-
-# ----------------------------------------------------------------------------- 5. select
+            key = tl.load(src_key + offs, mask=valid, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+            pos = tl.load(src_pos + offs, mask=valid, other=0, cache_modifier=".cg")
+        dig = _digit(key, LEVEL, BITS)
+        above = (valid & (dig > d)).to(tl.int32)
+        base = tl.atomic_add(chosen_ptr, tl.sum(above, axis=0), sem="relaxed")
+        tl.store(cpos_row + base + tl.cumsum(above, axis=0) - 1, pos, mask=above != 0)
+        equal = (valid & (dig == d)).to(tl.int32)
+        base = tl.atomic_add(dst_len_ptr, tl.sum(equal, axis=0), sem="relaxed")
+        slot = base + tl.cumsum(equal, axis=0) - 1
+        tl.store(dst_key + slot, key.to(tl.int32, bitcast=True), mask=equal != 0)
+        tl.store(dst_pos + slot, pos, mask=equal != 0)
+        hist += tl.histogram(_digit(key, LEVEL + 1, BITS), BINS, mask=equal != 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0, sem="relaxed")
 
 
 @triton.jit
 def _select_kernel(
-    vote_ptr, tie_key_ptr, tie_pos_ptr, radix_ptr, seq_ptr, miss_ptr, rpi_ptr, r2t_ptr,
-    indptr_ptr, kv_ptr, cpos_ptr, cvalid_ptr, counter_ptr,
-    stride_rb, stride_r2t, stride_cpos,
-    batch, n_init, n_local, topk, cap_tiles,
+    p_ptr, tmax_ptr, tsum_ptr, lse_part_ptr,
+    vote_ptr, key_a, pos_a, key_b, pos_b, radix_ptr, seq_ptr, miss_ptr, rpi_ptr, r2t_ptr,
+    indptr_ptr, kv_ptr, cpos_ptr, cvalid_ptr, counter_ptr, q_ptr, cq_ptr,
+    stride_th, stride_pb, stride_pp, stride_rb, stride_r2t, stride_cpos, stride_qb, stride_qh, stride_cq,
+    batch, n_init, n_local, topk, cap_tiles, flat_dim,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    BINS: tl.constexpr, GATE_BLOCK: tl.constexpr,
+    BITS: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    FLAT_PAD: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, H_CHUNK: tl.constexpr,
+    LSE_TILES: tl.constexpr, SOFT: tl.constexpr,
 ):
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -441,6 +480,7 @@ def _select_kernel(
     cpos_row = cpos_ptr + row * stride_cpos
     if _pick(rows, b, tiles) == 0:
         if (_pick(rows, b, overflow.to(tl.int32)) != 0) & (s == 0):
+            _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim, HEAD_DIM, FLAT_PAD)
             # No room in the scratch: the topk candidates just before the local window.
             seq_len = tl.load(seq_ptr + b).to(tl.int32)
             first_pos = seq_len - n_local - topk
@@ -452,68 +492,74 @@ def _select_kernel(
             tl.store(cvalid_ptr + row, 0)
             tl.atomic_add(counter_ptr + 3, 1, sem="relaxed")
         return
-    count = _pick(rows, b, cnt)
-    row_votes = _pick(rows, b, firsts).to(tl.int64) * BLOCK_N
-    radix_row = radix_ptr + b.to(tl.int64) * stride_rb
-    ctr = radix_row + 2 * BINS  # above, equal, done
+    BINS: tl.constexpr = 1 << BITS
     bins = tl.arange(0, BINS)
-    d0, k0 = _kth_digit(tl.load(radix_row + bins, cache_modifier=".cg"), topk, BINS)
-    n_above = topk - k0
-
-    # Pass A, split over SPLIT programs: keys above the k-th key's first digit are chosen,
-    # keys equal to it go to the row's tie list, with the histogram of their second digit.
+    row_off = _pick(rows, b, firsts).to(tl.int64) * BLOCK_N
+    votes = vote_ptr + row_off
+    key_a, pos_a, key_b, pos_b = key_a + row_off, pos_a + row_off, key_b + row_off, pos_b + row_off
+    radix_row = radix_ptr + b.to(tl.int64) * stride_rb
+    ctr = radix_row + CTR  # chosen, lengths of tie lists 1-3, barriers 0-4
+    count = _pick(rows, b, cnt)
+    first_tile = _pick(rows, b, firsts)
+    n_tiles = _pick(rows, b, tiles)
+    part = lse_part_ptr + b.to(tl.int64) * stride_pb
+    if SOFT:  # each head's log-sum-exp over the row: partials, then every program combines them
+        _lse_partial(tmax_ptr, tsum_ptr, part, stride_th, stride_pp, first_tile, n_tiles, s,
+                     SPLIT, NUM_HEADS, H_PAD, LSE_TILES)
+        _row_barrier(ctr + 8, SPLIT)
+    # The votes of this program's blocks and the histogram of their first digit.
+    hist = tl.zeros((BINS,), tl.int32)
     for blk in range(s, tl.cdiv(count, BLOCK), SPLIT):
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         valid = offs < count
-        key = _order_key(tl.load(vote_ptr + row_votes + offs, mask=valid, other=0.0))
-        dig0 = (key >> 21).to(tl.int32)
-        above = (valid & (dig0 > d0)).to(tl.int32)
-        base = tl.atomic_add(ctr, tl.sum(above, axis=0), sem="relaxed")
-        tl.store(cpos_row + base + tl.cumsum(above, axis=0) - 1, n_init + offs, mask=above != 0)
-        equal = (valid & (dig0 == d0)).to(tl.int32)
-        base = tl.atomic_add(ctr + 1, tl.sum(equal, axis=0), sem="relaxed")
-        slot = row_votes + base + tl.cumsum(equal, axis=0) - 1
-        tl.store(tie_key_ptr + slot, key.to(tl.int32, bitcast=True), mask=equal != 0)
-        tl.store(tie_pos_ptr + slot, n_init + offs, mask=equal != 0)
-        h = tl.histogram(((key >> 10) & (BINS - 1)).to(tl.int32), BINS, mask=equal != 0)
-        tl.atomic_add(radix_row + BINS + bins, h, mask=h > 0, sem="relaxed")
-    tl.debug_barrier()
-    if tl.atomic_add(ctr + 2, 1, sem="acq_rel") != SPLIT - 1:
+        if SOFT:
+            vote = _vote_block(p_ptr, tmax_ptr, part, stride_th, stride_pp, first_tile, n_tiles, blk,
+                               NUM_HEADS, H_CHUNK, SPLIT, BLOCK, BLOCK_N)
+            tl.store(votes + offs, vote, mask=valid)
+        else:  # the score kernel wrote the head-summed scores
+            vote = tl.load(votes + offs, mask=valid, other=0.0)
+        key = _order_key(vote)
+        hist += tl.histogram(_digit(key, 0, BITS), BINS, mask=valid)
+    tl.atomic_add(radix_row + bins, hist, mask=hist > 0, sem="relaxed")
+    _row_barrier(ctr + 4, SPLIT)
+    # Levels 0-2, each split over the row's programs: the k-th key's digit, then the split.
+    d, k = _kth_digit(tl.load(radix_row + bins, cache_modifier=".cg"), topk, BINS)
+    _split_level(votes, votes, count, key_a, pos_a, radix_row + BINS, ctr, ctr + 1, cpos_row, d, s,
+                 0, True, n_init, SPLIT, BLOCK, BITS)
+    _row_barrier(ctr + 5, SPLIT)
+    d, k = _kth_digit(tl.load(radix_row + BINS + bins, cache_modifier=".cg"), k, BINS)
+    n_list = tl.load(ctr + 1, cache_modifier=".cg")
+    _split_level(key_a, pos_a, n_list, key_b, pos_b, radix_row + 2 * BINS, ctr, ctr + 2, cpos_row, d, s,
+                 1, False, n_init, SPLIT, BLOCK, BITS)
+    _row_barrier(ctr + 6, SPLIT)
+    d, k = _kth_digit(tl.load(radix_row + 2 * BINS + bins, cache_modifier=".cg"), k, BINS)
+    n_list = tl.load(ctr + 2, cache_modifier=".cg")
+    _split_level(key_b, pos_b, n_list, key_a, pos_a, radix_row + 3 * BINS, ctr, ctr + 3, cpos_row, d, s,
+                 2, False, n_init, SPLIT, BLOCK, BITS)
+    _row_barrier(ctr + 7, SPLIT)
+    if s != 0:
         return
-
-    # The row's last program: the k0 keys still needed among the n_eq tied on digit 0.
-    n_eq = tl.load(ctr + 1, cache_modifier=".cg")
-    d1, k1 = _kth_digit(tl.load(radix_row + BINS + bins, cache_modifier=".cg"), k0, BINS)
-    filled = n_above
-    hist2 = tl.zeros((BINS // 2,), tl.int32)
-    for t0 in range(0, n_eq, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        m = offs < n_eq
-        key = tl.load(tie_key_ptr + row_votes + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        pos = tl.load(tie_pos_ptr + row_votes + offs, mask=m, other=0, cache_modifier=".cg")
-        dig1 = ((key >> 10) & (BINS - 1)).to(tl.int32)
-        take = (m & (dig1 > d1)).to(tl.int32)
-        tl.store(cpos_row + filled + tl.cumsum(take, axis=0) - 1, pos, mask=take != 0)
-        filled += tl.sum(take, axis=0)
-        hist2 += tl.histogram((key & (BINS // 2 - 1)).to(tl.int32), BINS // 2, mask=m & (dig1 == d1))
-    d2, k2 = _kth_digit(hist2, k1, BINS // 2)
+    # Program 0: the last digit. Keys above it are chosen, equal keys (exact ties) in list order.
+    d, k = _kth_digit(tl.load(radix_row + 3 * BINS + bins, cache_modifier=".cg"), k, BINS)
+    n_list = tl.load(ctr + 3, cache_modifier=".cg")
+    filled = tl.load(ctr, cache_modifier=".cg")
     ties = tl.full((), 0, tl.int32)
-    for t0 in range(0, n_eq, BLOCK):
+    for t0 in range(0, n_list, BLOCK):
         offs = t0 + tl.arange(0, BLOCK)
-        m = offs < n_eq
-        key = tl.load(tie_key_ptr + row_votes + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        pos = tl.load(tie_pos_ptr + row_votes + offs, mask=m, other=0, cache_modifier=".cg")
-        on_d1 = m & (((key >> 10) & (BINS - 1)).to(tl.int32) == d1)
-        dig2 = (key & (BINS // 2 - 1)).to(tl.int32)
-        tie = (on_d1 & (dig2 == d2)).to(tl.int32)
-        rank = ties + tl.cumsum(tie, axis=0) - 1  # equal keys: the first k2 in list order
-        take = ((on_d1 & (dig2 > d2)) | ((tie != 0) & (rank < k2))).to(tl.int32)
+        m = offs < n_list
+        key = tl.load(key_a + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        pos = tl.load(pos_a + offs, mask=m, other=0, cache_modifier=".cg")
+        dig = _digit(key, 3, BITS)
+        tie = (m & (dig == d)).to(tl.int32)
+        rank = ties + tl.cumsum(tie, axis=0) - 1
+        take = ((m & (dig > d)) | ((tie != 0) & (rank < k))).to(tl.int32)
         tl.store(cpos_row + filled + tl.cumsum(take, axis=0) - 1, pos, mask=take != 0)
         filled += tl.sum(take, axis=0)
         ties += tl.sum(tie, axis=0)
     tl.debug_barrier()
     out = kv_ptr + tl.load(indptr_ptr + b).to(tl.int64) + n_init
     _gather_slots(out, r2t_ptr + row * stride_r2t, cpos_row, topk, GATE_BLOCK)
+    _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim, HEAD_DIM, FLAT_PAD)
     tl.store(cvalid_ptr + row, 1)
 
 
@@ -551,7 +597,18 @@ def _check_inputs(q, k_buffer, req_to_token, req_pool_indices, seq_lens, kv_indp
     return batch, num_q_heads, num_kv_heads, head_dim
 
 
-def decode_select(
+def decode_select(*args, **kwargs) -> None:
+    """One layer's selection for a decode batch: writes each request's attended KV slots at
+    ``kv_indices[kv_indptr[b]:]`` and updates that layer's Selection Cache rows and counters.
+
+    Arguments: those of :func:`decode_select_stages`. Semantics:
+    ``reference.decode_select_reference`` (positions within a row in no particular order).
+    """
+    for _, launch in decode_select_stages(*args, **kwargs):
+        launch()
+
+
+def decode_select_stages(
     q: torch.Tensor,
     k_buffer: torch.Tensor,
     req_to_token: torch.Tensor,
@@ -571,14 +628,10 @@ def decode_select(
     threshold: float,
     scale: float,
     vote: str = "soft",
-) -> None:
-    """One layer's selection for a decode batch: writes each request's attended KV slots at
-    ``kv_indices[kv_indptr[b]:]`` and updates that layer's Selection Cache rows and counters.
-
-    Semantics: ``reference.decode_select_reference`` (positions within a row in no particular
-    order). ``threshold`` in [-1, 1]: -1 reuses a valid cached selection always (static
-    selection), 1 never (every step selects).
-    """
+) -> list[tuple[str, Callable[[], None]]]:
+    """The launches of :func:`decode_select`, in order, as (stage name, launch) pairs; the
+    benchmark times their prefixes. ``threshold`` in [-1, 1]: -1 reuses a valid cached
+    selection always (static selection), 1 never (every step selects)."""
     check_threshold(threshold)
     if vote not in ("soft", "sum"):
         raise ValueError(f"unknown vote {vote!r}")
@@ -586,52 +639,59 @@ def decode_select(
         q, k_buffer, req_to_token, req_pool_indices, seq_lens, kv_indptr,
         cache_query, cache_positions, cache_valid, counters, scratch, topk)
     if batch == 0:
-        return
+        return []
     sc = scratch
     group = num_q_heads // num_kv_heads
     cap_tiles = sc.capacity // BLOCK_N
     b_pad = max(2, triton.next_power_of_2(batch))
+    flat_dim = num_q_heads * head_dim
+    flat_pad = triton.next_power_of_2(flat_dim)
     sms = _num_sms(q.device)
     layout = (batch, n_init, n_local, cap_tiles)
     sum_vote = vote == "sum"
-
-    _gate_kernel[(batch,)](
-        q, req_to_token, req_pool_indices, seq_lens, kv_indptr, kv_indices,
-        cache_query, cache_positions, cache_valid, counters, sc.miss, sc.radix,
-        q.stride(0), q.stride(1), req_to_token.stride(0), cache_query.stride(0),
-        cache_positions.stride(0), sc.radix.stride(0),
-        n_init, n_local, topk, float(threshold), num_q_heads * head_dim,
-        HEAD_DIM=head_dim, BLOCK=GATE_BLOCK, RADIX_WORDS=RADIX_WORDS, num_warps=4,
-    )
     per_tile = 1 if sum_vote else num_kv_heads
-    _score_kernel[(min(SCORE_PROGRAMS_PER_SM * sms, cap_tiles * per_tile),)](
-        q, k_buffer, req_to_token, req_pool_indices, seq_lens, sc.miss,
-        sc.probs, sc.tile_max, sc.tile_sum, sc.votes,
-        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
-        *layout, float(scale),
-        NUM_KV=num_kv_heads, NUM_HEADS=num_q_heads, GROUP=group,
-        G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
-        B_PAD=b_pad, STAGES=SCORE_STAGES, SUM_VOTE=sum_vote, DOT_F32=_INTERPRETED,
-        num_warps=4 if BLOCK_N * head_dim <= 8192 else 8,
-    )
-    if not sum_vote:
-        _lse_kernel[(triton.cdiv(num_q_heads, LSE_HEADS), batch)](
-            sc.tile_max, sc.tile_sum, sc.lse, seq_lens, sc.miss, sc.lse.stride(0), *layout,
-            NUM_HEADS=num_q_heads, HEADS=LSE_HEADS, TILES=LSE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad,
-            num_warps=4,
+    # At most two programs per SM (all resident: a row's programs wait for each other); one
+    # per row in the interpreter, which runs programs one after another.
+    split = 1 if _INTERPRETED else max(1, min(SELECT_MAX_SPLIT, (2 * sms) // batch))
+
+    def gate():
+        _gate_kernel[(GATE_SPLIT, batch)](
+            q, req_to_token, req_pool_indices, seq_lens, kv_indptr, kv_indices,
+            cache_query, cache_positions, cache_valid, counters, sc.miss, sc.radix,
+            q.stride(0), q.stride(1), req_to_token.stride(0), cache_query.stride(0),
+            cache_positions.stride(0), sc.radix.stride(0),
+            n_init, n_local, topk, float(threshold), flat_dim,
+            HEAD_DIM=head_dim, FLAT_PAD=flat_pad, BLOCK=GATE_BLOCK, SPLIT=GATE_SPLIT,
+            RADIX_WORDS=RADIX_WORDS, num_warps=4,
         )
-    _vote_kernel[(min(VOTE_PROGRAMS_PER_SM * sms, triton.cdiv(cap_tiles, VOTE_TILES)),)](
-        sc.probs, sc.tile_max, sc.lse, sc.votes, seq_lens, sc.miss, sc.radix,
-        sc.lse.stride(0), sc.radix.stride(0), *layout,
-        NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
-        VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BINS=HIST_BINS, SUM_VOTE=sum_vote, num_warps=8,
-    )
-    split = max(1, min(SELECT_MAX_SPLIT, triton.cdiv(2 * sms, batch)))
-    _select_kernel[(split, batch)](
-        sc.votes, sc.tie_key, sc.tie_pos, sc.radix, seq_lens, sc.miss, req_pool_indices, req_to_token,
-        kv_indptr, kv_indices, cache_positions, cache_valid, counters,
-        sc.radix.stride(0), req_to_token.stride(0), cache_positions.stride(0),
-        batch, n_init, n_local, topk, cap_tiles,
-        SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK, BINS=HIST_BINS,
-        GATE_BLOCK=GATE_BLOCK, num_warps=8,
-    )
+
+    def score():
+        _score_kernel[(min(SCORE_PROGRAMS_PER_SM * sms, cap_tiles * per_tile),)](
+            q, k_buffer, req_to_token, req_pool_indices, seq_lens, sc.miss,
+            sc.probs, sc.tile_max, sc.tile_sum, sc.votes,
+            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
+            sc.tile_max.stride(0), *layout, float(scale),
+            NUM_KV=num_kv_heads, NUM_HEADS=num_q_heads, GROUP=group,
+            G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+            B_PAD=b_pad, STAGES=SCORE_STAGES, SUM_VOTE=sum_vote, DOT_F32=_INTERPRETED,
+            num_warps=SCORE_WARPS or (4 if BLOCK_N * head_dim <= 8192 else 8),
+        )
+
+    def select():
+        _select_kernel[(split, batch)](
+            sc.probs, sc.tile_max, sc.tile_sum, sc.lse_parts,
+            sc.votes, sc.tie_key, sc.tie_pos, sc.tie_key2, sc.tie_pos2, sc.radix, seq_lens, sc.miss,
+            req_pool_indices, req_to_token,
+            kv_indptr, kv_indices, cache_positions, cache_valid, counters, q, cache_query,
+            sc.tile_max.stride(0), sc.lse_parts.stride(0), sc.lse_parts.stride(1),
+            sc.radix.stride(0), req_to_token.stride(0), cache_positions.stride(0),
+            q.stride(0), q.stride(1), cache_query.stride(0),
+            batch, n_init, n_local, topk, cap_tiles, flat_dim,
+            SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK, BITS=RADIX_BITS,
+            CTR=RADIX_COUNTERS, GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad,
+            NUM_HEADS=num_q_heads, H_PAD=triton.next_power_of_2(num_q_heads),
+            H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)), LSE_TILES=LSE_TILES,
+            SOFT=not sum_vote, num_warps=8,
+        )
+
+    return [("gate", gate), ("score", score), ("select", select)]
