@@ -15,7 +15,7 @@ topk=2048; B in {1, 4, 16} x L in {32K, 128K, 512K} (``--quick``: B in {1, 4}, L
      per layer within a graph of ``LAYERS_PER_GRAPH`` layer calls (as in a decode step:
      launch gaps, no graph-launch cost), and one layer per replay;
    - an empty graph (one tiny kernel): the graph-launch cost inside the one-layer numbers;
-   - per launch (gate, score, select): differences of timed prefixes, one graph each;
+   - per launch (gate, score, lse, vote, select): differences of timed prefixes, one graph each;
    - dense FlashInfer decode over all L tokens and over the 2,688-token budget.
 
 Writes JSON (``--out``) and, with ``--plot``, a PNG beside it.
@@ -51,8 +51,8 @@ WARMUP_MS, REP_MS = 10, 40
 DEVICE = "cuda"
 KW = dict(n_init=N_INIT, n_local=N_LOCAL, topk=TOPK, scale=1.0, vote="soft")
 # Launch configs tried by --sweep: module constants of triton_select -> values.
-SWEEP = [dict(SCORE_PROGRAMS_PER_SM=4, SCORE_STAGES=3), dict(SCORE_PROGRAMS_PER_SM=6, SCORE_STAGES=4)] + [
-    dict(VOTE_HEAD_CHUNK=n) for n in (2, 8)] + [dict(SELECT_MAX_SPLIT=n) for n in (32, 128, 264)]
+SWEEP = [dict(SCORE_PROGRAMS_PER_SM=6, SCORE_STAGES=4), dict(VOTE_TILES=4), dict(VOTE_PROGRAMS_PER_SM=8),
+         dict(SELECT_MAX_SPLIT=16), dict(SELECT_MAX_SPLIT=128)]
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
-"""Triton kernels of one TokenSelect decode layer: gate, score, select.
+"""Triton kernels of one TokenSelect decode layer: gate, score, log-sum-exp, vote, select.
 
 The PyTorch specification is ``kernels/reference.py:decode_select_reference``; this module's
-:func:`decode_select` computes the same thing in three launches, with no host syncs and grids
+:func:`decode_select` computes the same thing in five launches, with no host syncs and grids
 sized from static shapes only (CUDA-graph capturable):
 
 1. ``_gate_kernel``    per request, dense / Selection Cache hit / miss. Dense rows write
@@ -12,18 +12,17 @@ sized from static shapes only (CUDA-graph capturable):
 2. ``_score_kernel``   persistent: walks the (tile of 64 candidates, kv head) items of the
    miss rows only, reads each candidate key once, stores ``exp2(s - m_tile)`` in bf16 plus
    the tile max / sum-exp per head (soft vote), or the head-summed score (sum vote).
-3. ``_select_kernel``  grid (SPLIT, B): the SPLIT programs of a miss row share it and meet
-   at a row barrier after each phase. Each head's log-sum-exp over the row (partials, then
-   combined by every program); the votes ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
-   histogram of their first 8-bit radix digit (on the order-preserving uint32 keys); then the
-   exact top-k: keys above the k-th key's digit go straight to the cache, keys equal to it to
-   a tie list with the next digit's histogram; the tie list is split the same way twice
-   more; program 0 takes the last digit's exact ties in list order, writes the top-k slots
-   into the KV indices, stores the query in the cache and marks the selection valid.
-   SPLIT * B never exceeds two programs per SM, so every program of a row is resident while
-   the others wait for it (one program per row in Triton's interpreter).
+3. ``_lse_kernel``     grid (H_q / 4, B): each head's log-sum-exp over its row's candidates.
+4. ``_vote_kernel``    persistent: ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
+   histogram of the first 8-bit radix digit of the votes' order-preserving uint32 keys.
+5. ``_select_kernel``  grid (SPLIT, B): the exact top-k. The SPLIT programs of a row share
+   it: keys above the k-th key's first digit go straight to the cache row, keys equal to it
+   to a tie list with the next digit's histogram. The row's last program splits the (short)
+   tie list the same way on digits 1 and 2, takes the last digit's exact ties in list order,
+   writes the top-k slots into the KV indices, stores the query in the cache and marks the
+   selection valid.
 
-Hit and dense layers cost launch 1 plus two launches that find no work. The scratch is
+Hit and dense layers cost launch 1 plus four launches that find no work. The scratch is
 sized by the work: the candidates of the miss rows are laid end to end in tiles of 64,
 bounded by ``capacity`` (SGLang's token pool); a miss row that does not fit falls back to the
 ``topk`` candidates just before its local window, is not cached, and counts as overflow.
@@ -53,20 +52,23 @@ from sglang_tokenselect.kernels.reference import COUNTERS, check_threshold
 logger = logging.getLogger(__name__)
 
 BLOCK_N = 64  # candidates per scoring tile
+VOTE_TILES = 8  # tiles per vote work item
 VOTE_HEAD_CHUNK = 4  # query heads per step of the vote loop
-LSE_TILES = 64  # tile statistics per step of the log-sum-exp loop
+LSE_HEADS = 4  # query heads per log-sum-exp program
+LSE_TILES = 256  # tile statistics per step of the log-sum-exp loop
 SELECT_BLOCK = 2048  # votes per step of the select loops
 GATE_BLOCK = 512  # slots per step of the gate's copies
 GATE_SPLIT = 4  # gate programs per request (each recomputes the cosine, copies a share)
 RADIX_BITS = 8  # the top-k's radix digits: key bits [31:24], [23:16], [15:8], [7:0]
 HIST_BINS = 1 << RADIX_BITS
-# radix scratch row: a histogram per digit, then counters (chosen, tie lists 1-3, barriers 0-4)
+# radix scratch row: a histogram per digit, then counters (chosen, tie lists 1-3, programs done)
 RADIX_COUNTERS = 4 * HIST_BINS
-RADIX_WORDS = RADIX_COUNTERS + 9
+RADIX_WORDS = RADIX_COUNTERS + 5
 SCORE_PROGRAMS_PER_SM = 4
 SCORE_STAGES = 3
 SCORE_WARPS = None  # None: 4 for BLOCK_N * D <= 8192, else 8
 SELECT_MAX_SPLIT = 64
+VOTE_PROGRAMS_PER_SM = 4
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM; the launcher asks the device when it is a GPU
 _LOG2E = 1.4426950408889634
 # Triton's CPU interpreter (used by the tests) cannot tl.dot bf16 blocks: upcast there only.
@@ -86,8 +88,7 @@ class DecodeScratch:
         miss       [Bm] int32        1 where the row selects afresh in the current layer
         probs      [T, H_q, BLOCK_N] bf16, ``exp2(s2 - m_tile)`` (s2 = scaled score in log2 units)
         tile_max   [H_q, T] fp32;  tile_sum [H_q, T] fp32 (head-major: the log-sum-exp reads rows)
-        lse_parts  [Bm, 2, SELECT_MAX_SPLIT, H_q] fp32, per select program of a row: each
-                   head's max and sum of ``exp2(s2 - max)`` over its share of the tiles
+        lse        [Bm, H_q] fp32, ``log2 sum_j exp2(s2_j)`` per head
         votes      [T * BLOCK_N] fp32, the miss rows' votes end to end
         tie_key, tie_pos, tie_key2, tie_pos2  [T * BLOCK_N] int32, the select kernel's tie
                    lists (ping-pong)
@@ -98,7 +99,7 @@ class DecodeScratch:
     probs: torch.Tensor
     tile_max: torch.Tensor
     tile_sum: torch.Tensor
-    lse_parts: torch.Tensor
+    lse: torch.Tensor
     votes: torch.Tensor
     tie_key: torch.Tensor
     tie_pos: torch.Tensor
@@ -134,7 +135,7 @@ def alloc_scratch(max_batch: int, capacity: int, num_q_heads: int, device) -> De
         probs=torch.empty(tiles, num_q_heads, BLOCK_N, dtype=torch.bfloat16, device=device),
         tile_max=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
         tile_sum=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
-        lse_parts=torch.empty(max_batch, 2, SELECT_MAX_SPLIT, num_q_heads, dtype=f32, device=device),
+        lse=torch.empty(max_batch, num_q_heads, dtype=f32, device=device),
         votes=torch.empty(n, dtype=f32, device=device),
         tie_key=torch.empty(n, dtype=i32, device=device),
         tie_pos=torch.empty(n, dtype=i32, device=device),
@@ -339,69 +340,101 @@ def _score_kernel(
             tl.store(tsum_ptr + stat, tl.sum(p, axis=0), mask=mask_g)
 
 
-# ----------------------------------------------------------------------------- 3. select
+# ----------------------------------------------------------------------------- 3. log-sum-exp
 
 
 @triton.jit
-def _lse_partial(tmax_ptr, tsum_ptr, part_ptr, stride_th, stride_pp, first_tile, n_tiles, s,
-                 SPLIT: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, TILES: tl.constexpr):
-    """Each head's (max, sum of exp2) over this program's share of the row's tiles, stored
-    at ``part[0, s, :]`` and ``part[1, s, :]``."""
-    heads = tl.arange(0, H_PAD)
+def _lse_kernel(
+    tmax_ptr, tsum_ptr, lse_ptr, seq_ptr, miss_ptr, stride_lb, stride_th,
+    batch, n_init, n_local, cap_tiles,
+    NUM_HEADS: tl.constexpr, HEADS: tl.constexpr, TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
+):
+    hc = tl.program_id(0)
+    b = tl.program_id(1)
+    rows, _, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
+                                             BLOCK_N, B_PAD)
+    n_tiles = _pick(rows, b, tiles)
+    if n_tiles == 0:
+        return
+    first = _pick(rows, b, firsts).to(tl.int64)
+    heads = hc * HEADS + tl.arange(0, HEADS)
     mask_h = heads < NUM_HEADS
-    run_max = tl.full((H_PAD,), -1.0e30, tl.float32)  # finite: the first rescale is 0, not NaN
-    run_sum = tl.zeros((H_PAD,), tl.float32)
-    for t0 in range(s * TILES, n_tiles, SPLIT * TILES):
+    run_max = tl.full((HEADS,), -1.0e30, tl.float32)  # finite: the first rescale is 0, not NaN
+    run_sum = tl.zeros((HEADS,), tl.float32)
+    for t0 in range(0, n_tiles, TILES):
         offs_t = t0 + tl.arange(0, TILES)
         m = mask_h[:, None] & (offs_t < n_tiles)[None, :]
-        off = heads.to(tl.int64)[:, None] * stride_th + (first_tile + offs_t)[None, :]
+        off = heads.to(tl.int64)[:, None] * stride_th + (first + offs_t)[None, :]
         tm = tl.load(tmax_ptr + off, mask=m, other=float("-inf"))
         ts = tl.load(tsum_ptr + off, mask=m, other=0.0)
         new_max = tl.maximum(run_max, tl.max(tm, axis=1))
         run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(ts * tl.exp2(tm - new_max[:, None]), axis=1)
         run_max = new_max
-    tl.store(part_ptr + s * NUM_HEADS + heads, run_max, mask=mask_h)
-    tl.store(part_ptr + stride_pp + s * NUM_HEADS + heads, run_sum, mask=mask_h)
+    run_sum = tl.where(mask_h, run_sum, 1.0)  # padded heads: no log2(0)
+    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads, run_max + tl.log2(run_sum), mask=mask_h)
+
+
+# ----------------------------------------------------------------------------- 4. vote
 
 
 @triton.jit
-def _lse_of(part_ptr, stride_pp, heads, mask_h, SPLIT: tl.constexpr, NUM_HEADS: tl.constexpr):
-    """[len(heads)] log2-sum-exp2 of each head over the row, from the programs' partials."""
-    SPLIT_PAD: tl.constexpr = max(2, triton.next_power_of_2(SPLIT))
-    sp = tl.arange(0, SPLIT_PAD)
-    m = (sp < SPLIT)[:, None] & mask_h[None, :]
-    off = sp[:, None] * NUM_HEADS + heads[None, :]
-    pm = tl.load(part_ptr + off, mask=m, other=-1.0e30, cache_modifier=".cg")
-    ps = tl.load(part_ptr + stride_pp + off, mask=m, other=0.0, cache_modifier=".cg")
-    top = tl.max(pm, axis=0)
-    lse = top + tl.log2(tl.maximum(tl.sum(ps * tl.exp2(pm - top[None, :]), axis=0), 1e-30))
-    return tl.where(mask_h, lse, 0.0)  # padded heads: 0, not -1e30 (their factor is masked)
+def _digit(key, LEVEL: tl.constexpr, BITS: tl.constexpr):
+    """Radix digit LEVEL (0 = most significant) of uint32 keys."""
+    return ((key >> (32 - BITS * (LEVEL + 1))) & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
-def _vote_block(p_ptr, tmax_ptr, part_ptr, stride_th, stride_pp, first_tile, n_tiles, blk,
-                NUM_HEADS: tl.constexpr, H_CHUNK: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[BLOCK] votes ``sum_h p_hj exp2(m_tile,h - lse_h)`` of candidates ``blk * BLOCK + ...``."""
-    NT: tl.constexpr = BLOCK // BLOCK_N
-    local_tile = blk * NT + tl.arange(0, NT)
-    mask_t = local_tile < n_tiles
-    tile = first_tile + local_tile
+def _vote_kernel(
+    p_ptr, tmax_ptr, lse_ptr, vote_ptr, seq_ptr, miss_ptr, radix_ptr,
+    stride_lb, stride_th, stride_rb,
+    batch, n_init, n_local, cap_tiles,
+    NUM_HEADS: tl.constexpr, H_CHUNK: tl.constexpr, VT: tl.constexpr, BLOCK_N: tl.constexpr,
+    B_PAD: tl.constexpr, BITS: tl.constexpr, SOFT: tl.constexpr,
+):
+    """Work item = VT consecutive tiles of one row: their votes (soft vote; the sum vote's
+    were written by the score kernel) and the histogram of their first radix digit."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    rows, cnt, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
+                                               BLOCK_N, B_PAD)
+    items = tl.cdiv(tiles, VT)
+    item_ends = tl.cumsum(items, axis=0)
+    total = tl.sum(items, axis=0)
+    sub = tl.arange(0, VT)
     lane = tl.arange(0, BLOCK_N)
-    vote = tl.zeros((NT, BLOCK_N), tl.float32)
-    for h0 in tl.static_range(0, NUM_HEADS, H_CHUNK):
-        heads = h0 + tl.arange(0, H_CHUNK)
-        mask_h = heads < NUM_HEADS
-        m2 = mask_h[:, None] & mask_t[None, :]
-        base = tile.to(tl.int64)[None, :] * NUM_HEADS + heads[:, None]  # [H_CHUNK, NT]
-        p = tl.load(p_ptr + base[:, :, None] * BLOCK_N + lane[None, None, :], mask=m2[:, :, None], other=0.0)
-        tm = tl.load(tmax_ptr + heads.to(tl.int64)[:, None] * stride_th + tile[None, :], mask=m2, other=0.0)
-        lse = _lse_of(part_ptr, stride_pp, heads, mask_h, SPLIT, NUM_HEADS)
-        factor = tl.where(m2, tl.exp2(tm - lse[:, None]), 0.0)
-        vote += tl.sum(p.to(tl.float32) * factor[:, :, None], axis=0)
-    return tl.reshape(vote, (BLOCK,))
+    BINS: tl.constexpr = 1 << BITS
+    for it in range(pid, total, nprog):
+        b = tl.sum((item_ends <= it).to(tl.int32), axis=0)
+        local_tile = (it - _pick(rows, b, item_ends - items)) * VT + sub  # [VT] tiles of the row
+        mask_t = local_tile < _pick(rows, b, tiles)
+        tile = _pick(rows, b, firsts) + local_tile
+        valid = (local_tile[:, None] * BLOCK_N + lane[None, :]) < _pick(rows, b, cnt)
+        vote_ptrs = vote_ptr + tile.to(tl.int64)[:, None] * BLOCK_N + lane[None, :]
+        if SOFT:
+            vote = tl.zeros((VT, BLOCK_N), tl.float32)
+            for h0 in tl.static_range(0, NUM_HEADS, H_CHUNK):
+                heads = h0 + tl.arange(0, H_CHUNK)
+                mask_h = heads < NUM_HEADS
+                m2 = mask_h[:, None] & mask_t[None, :]
+                base = tile.to(tl.int64)[None, :] * NUM_HEADS + heads[:, None]  # [H_CHUNK, VT]
+                p = tl.load(p_ptr + base[:, :, None] * BLOCK_N + lane[None, None, :],
+                            mask=m2[:, :, None], other=0.0)
+                tm = tl.load(tmax_ptr + heads.to(tl.int64)[:, None] * stride_th + tile[None, :],
+                             mask=m2, other=0.0)
+                lse = tl.load(lse_ptr + b.to(tl.int64) * stride_lb + heads, mask=mask_h, other=0.0)
+                factor = tl.where(m2, tl.exp2(tm - lse[:, None]), 0.0)
+                vote += tl.sum(p.to(tl.float32) * factor[:, :, None], axis=0)
+            tl.store(vote_ptrs, tl.where(valid, vote, float("-inf")), mask=mask_t[:, None])
+        else:
+            vote = tl.load(vote_ptrs, mask=valid, other=float("-inf"))
+        key = _order_key(tl.reshape(vote, (VT * BLOCK_N,)))
+        h = tl.histogram(_digit(key, 0, BITS), BINS, mask=tl.reshape(valid, (VT * BLOCK_N,)))
+        tl.atomic_add(radix_ptr + b.to(tl.int64) * stride_rb + tl.arange(0, BINS), h,
+                      mask=h > 0, sem="relaxed")
 
 
+# ----------------------------------------------------------------------------- 5. select
 
 
 @triton.jit
@@ -414,28 +447,14 @@ def _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_di
 
 
 @triton.jit
-def _row_barrier(bar_ptr, SPLIT: tl.constexpr):
-    """Wait until the SPLIT programs of a row have arrived (all are resident: see the grid)."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel") + 1
-    while arrived < SPLIT:
-        arrived = tl.atomic_add(bar_ptr, 0, sem="acquire")
-
-
-@triton.jit
-def _digit(key, LEVEL: tl.constexpr, BITS: tl.constexpr):
-    return ((key >> (32 - BITS * (LEVEL + 1))) & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
 def _split_level(src_key, src_pos, n_src, dst_key, dst_pos, hist_ptr, chosen_ptr, dst_len_ptr, cpos_row,
                  d, s, LEVEL: tl.constexpr, FROM_VOTES: tl.constexpr, n_init,
                  SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """This program's share of one radix level: keys whose digit LEVEL is above ``d`` are
-    chosen (appended to the cache row), keys equal to it go to the next tie list, whose next
-    digit's histogram is added to ``hist_ptr``. ``FROM_VOTES``: the source is the row's votes
-    (positions implicit) rather than a tie list. chosen_ptr, dst_len_ptr: the counters of
-    chosen positions and of the next list."""
+    """This program's share (blocks s, s + SPLIT, ...) of one radix level: keys whose digit
+    LEVEL is above ``d`` are chosen (appended to the cache row), keys equal to it go to the
+    next tie list, whose next digit's histogram is added to ``hist_ptr``. ``FROM_VOTES``: the
+    source is the row's votes (positions implicit) rather than a tie list. chosen_ptr,
+    dst_len_ptr: the counters of chosen positions and of the next list."""
     BINS: tl.constexpr = 1 << BITS
     hist = tl.zeros((BINS,), tl.int32)
     for blk in range(s, tl.cdiv(n_src, BLOCK), SPLIT):
@@ -462,15 +481,13 @@ def _split_level(src_key, src_pos, n_src, dst_key, dst_pos, hist_ptr, chosen_ptr
 
 @triton.jit
 def _select_kernel(
-    p_ptr, tmax_ptr, tsum_ptr, lse_part_ptr,
     vote_ptr, key_a, pos_a, key_b, pos_b, radix_ptr, seq_ptr, miss_ptr, rpi_ptr, r2t_ptr,
     indptr_ptr, kv_ptr, cpos_ptr, cvalid_ptr, counter_ptr, q_ptr, cq_ptr,
-    stride_th, stride_pb, stride_pp, stride_rb, stride_r2t, stride_cpos, stride_qb, stride_qh, stride_cq,
+    stride_rb, stride_r2t, stride_cpos, stride_qb, stride_qh, stride_cq,
     batch, n_init, n_local, topk, cap_tiles, flat_dim,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, BLOCK: tl.constexpr,
     BITS: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    FLAT_PAD: tl.constexpr, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, H_CHUNK: tl.constexpr,
-    LSE_TILES: tl.constexpr, SOFT: tl.constexpr,
+    FLAT_PAD: tl.constexpr,
 ):
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -495,51 +512,26 @@ def _select_kernel(
     BINS: tl.constexpr = 1 << BITS
     bins = tl.arange(0, BINS)
     row_off = _pick(rows, b, firsts).to(tl.int64) * BLOCK_N
-    votes = vote_ptr + row_off
     key_a, pos_a, key_b, pos_b = key_a + row_off, pos_a + row_off, key_b + row_off, pos_b + row_off
     radix_row = radix_ptr + b.to(tl.int64) * stride_rb
-    ctr = radix_row + CTR  # chosen, lengths of tie lists 1-3, barriers 0-4
-    count = _pick(rows, b, cnt)
-    first_tile = _pick(rows, b, firsts)
-    n_tiles = _pick(rows, b, tiles)
-    part = lse_part_ptr + b.to(tl.int64) * stride_pb
-    if SOFT:  # each head's log-sum-exp over the row: partials, then every program combines them
-        _lse_partial(tmax_ptr, tsum_ptr, part, stride_th, stride_pp, first_tile, n_tiles, s,
-                     SPLIT, NUM_HEADS, H_PAD, LSE_TILES)
-        _row_barrier(ctr + 8, SPLIT)
-    # The votes of this program's blocks and the histogram of their first digit.
-    hist = tl.zeros((BINS,), tl.int32)
-    for blk in range(s, tl.cdiv(count, BLOCK), SPLIT):
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < count
-        if SOFT:
-            vote = _vote_block(p_ptr, tmax_ptr, part, stride_th, stride_pp, first_tile, n_tiles, blk,
-                               NUM_HEADS, H_CHUNK, SPLIT, BLOCK, BLOCK_N)
-            tl.store(votes + offs, vote, mask=valid)
-        else:  # the score kernel wrote the head-summed scores
-            vote = tl.load(votes + offs, mask=valid, other=0.0)
-        key = _order_key(vote)
-        hist += tl.histogram(_digit(key, 0, BITS), BINS, mask=valid)
-    tl.atomic_add(radix_row + bins, hist, mask=hist > 0, sem="relaxed")
-    _row_barrier(ctr + 4, SPLIT)
-    # Levels 0-2, each split over the row's programs: the k-th key's digit, then the split.
+    ctr = radix_row + CTR  # chosen, lengths of tie lists 1-3, programs done
+    # Level 0, split over the row's programs (histogram of digit 0 from the vote kernel).
     d, k = _kth_digit(tl.load(radix_row + bins, cache_modifier=".cg"), topk, BINS)
-    _split_level(votes, votes, count, key_a, pos_a, radix_row + BINS, ctr, ctr + 1, cpos_row, d, s,
-                 0, True, n_init, SPLIT, BLOCK, BITS)
-    _row_barrier(ctr + 5, SPLIT)
-    d, k = _kth_digit(tl.load(radix_row + BINS + bins, cache_modifier=".cg"), k, BINS)
-    n_list = tl.load(ctr + 1, cache_modifier=".cg")
-    _split_level(key_a, pos_a, n_list, key_b, pos_b, radix_row + 2 * BINS, ctr, ctr + 2, cpos_row, d, s,
-                 1, False, n_init, SPLIT, BLOCK, BITS)
-    _row_barrier(ctr + 6, SPLIT)
-    d, k = _kth_digit(tl.load(radix_row + 2 * BINS + bins, cache_modifier=".cg"), k, BINS)
-    n_list = tl.load(ctr + 2, cache_modifier=".cg")
-    _split_level(key_b, pos_b, n_list, key_a, pos_a, radix_row + 3 * BINS, ctr, ctr + 3, cpos_row, d, s,
-                 2, False, n_init, SPLIT, BLOCK, BITS)
-    _row_barrier(ctr + 7, SPLIT)
-    if s != 0:
+    _split_level(vote_ptr + row_off, vote_ptr, _pick(rows, b, cnt), key_a, pos_a, radix_row + BINS,
+                 ctr, ctr + 1, cpos_row, d, s, 0, True, n_init, SPLIT, BLOCK, BITS)
+    tl.debug_barrier()
+    if tl.atomic_add(ctr + 4, 1, sem="acq_rel") != SPLIT - 1:
         return
-    # Program 0: the last digit. Keys above it are chosen, equal keys (exact ties) in list order.
+    # The row's last program: levels 1 and 2 over the (short) tie lists, then the last digit,
+    # whose equal keys are exact ties: the first k of them in list order.
+    d, k = _kth_digit(tl.load(radix_row + BINS + bins, cache_modifier=".cg"), k, BINS)
+    _split_level(key_a, pos_a, tl.load(ctr + 1, cache_modifier=".cg"), key_b, pos_b, radix_row + 2 * BINS,
+                 ctr, ctr + 2, cpos_row, d, 0, 1, False, n_init, 1, BLOCK, BITS)
+    tl.debug_barrier()
+    d, k = _kth_digit(tl.load(radix_row + 2 * BINS + bins, cache_modifier=".cg"), k, BINS)
+    _split_level(key_b, pos_b, tl.load(ctr + 2, cache_modifier=".cg"), key_a, pos_a, radix_row + 3 * BINS,
+                 ctr, ctr + 3, cpos_row, d, 0, 2, False, n_init, 1, BLOCK, BITS)
+    tl.debug_barrier()
     d, k = _kth_digit(tl.load(radix_row + 3 * BINS + bins, cache_modifier=".cg"), k, BINS)
     n_list = tl.load(ctr + 3, cache_modifier=".cg")
     filled = tl.load(ctr, cache_modifier=".cg")
@@ -650,9 +642,7 @@ def decode_select_stages(
     layout = (batch, n_init, n_local, cap_tiles)
     sum_vote = vote == "sum"
     per_tile = 1 if sum_vote else num_kv_heads
-    # At most two programs per SM (all resident: a row's programs wait for each other); one
-    # per row in the interpreter, which runs programs one after another.
-    split = 1 if _INTERPRETED else max(1, min(SELECT_MAX_SPLIT, (2 * sms) // batch))
+    split = max(1, min(SELECT_MAX_SPLIT, (2 * sms) // batch))
 
     def gate():
         _gate_kernel[(GATE_SPLIT, batch)](
@@ -677,21 +667,32 @@ def decode_select_stages(
             num_warps=SCORE_WARPS or (4 if BLOCK_N * head_dim <= 8192 else 8),
         )
 
+    def lse():
+        _lse_kernel[(triton.cdiv(num_q_heads, LSE_HEADS), batch)](
+            sc.tile_max, sc.tile_sum, sc.lse, seq_lens, sc.miss, sc.lse.stride(0), sc.tile_max.stride(0),
+            *layout, NUM_HEADS=num_q_heads, HEADS=LSE_HEADS, TILES=LSE_TILES, BLOCK_N=BLOCK_N,
+            B_PAD=b_pad, num_warps=4,
+        )
+
+    def vote_pass():
+        _vote_kernel[(min(VOTE_PROGRAMS_PER_SM * sms, triton.cdiv(cap_tiles, VOTE_TILES)),)](
+            sc.probs, sc.tile_max, sc.lse, sc.votes, seq_lens, sc.miss, sc.radix,
+            sc.lse.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout,
+            NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
+            VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote, num_warps=4,
+        )
+
     def select():
         _select_kernel[(split, batch)](
-            sc.probs, sc.tile_max, sc.tile_sum, sc.lse_parts,
             sc.votes, sc.tie_key, sc.tie_pos, sc.tie_key2, sc.tie_pos2, sc.radix, seq_lens, sc.miss,
             req_pool_indices, req_to_token,
             kv_indptr, kv_indices, cache_positions, cache_valid, counters, q, cache_query,
-            sc.tile_max.stride(0), sc.lse_parts.stride(0), sc.lse_parts.stride(1),
             sc.radix.stride(0), req_to_token.stride(0), cache_positions.stride(0),
             q.stride(0), q.stride(1), cache_query.stride(0),
             batch, n_init, n_local, topk, cap_tiles, flat_dim,
             SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK, BITS=RADIX_BITS,
-            CTR=RADIX_COUNTERS, GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad,
-            NUM_HEADS=num_q_heads, H_PAD=triton.next_power_of_2(num_q_heads),
-            H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)), LSE_TILES=LSE_TILES,
-            SOFT=not sum_vote, num_warps=8,
+            CTR=RADIX_COUNTERS, GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, num_warps=8,
         )
 
-    return [("gate", gate), ("score", score), ("select", select)]
+    stages = [("gate", gate), ("score", score)] + ([] if sum_vote else [("lse", lse)])
+    return stages + [("vote", vote_pass), ("select", select)]
