@@ -38,7 +38,6 @@ Shapes (B = requests, S = KV slots, R = request-pool rows, M = max context, F = 
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -48,8 +47,6 @@ import triton
 import triton.language as tl
 
 from sglang_tokenselect.kernels.reference import COUNTERS, check_threshold
-
-logger = logging.getLogger(__name__)
 
 BLOCK_N = 64  # candidates per scoring tile
 VOTE_TILES = 8  # tiles per vote work item
@@ -70,7 +67,6 @@ SCORE_WARPS = None  # None: 4 for BLOCK_N * D <= 8192, else 8
 SELECT_MAX_SPLIT = 64
 VOTE_PROGRAMS_PER_SM = 4
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM; the launcher asks the device when it is a GPU
-_LOG2E = 1.4426950408889634
 # Triton's CPU interpreter (used by the tests) cannot tl.dot bf16 blocks: upcast there only.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The kernels address the counters by these literal indices.
@@ -329,7 +325,7 @@ def _score_kernel(
                 s = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
             else:
                 s = tl.dot(k, tl.trans(q.to(k.dtype)))
-            s = tl.where(mask_n[:, None], s * (scale * 1.4426950408889634), float("-inf"))
+            s = tl.where(mask_n[:, None], s * (scale * 1.4426950408889634), float("-inf"))  # log2(e)
             m = tl.max(s, axis=0)
             p = tl.exp2(s - m[None, :])
             base = tile.to(tl.int64) * NUM_HEADS + heads

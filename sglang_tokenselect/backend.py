@@ -112,6 +112,7 @@ class TokenSelectDecodeMixin:
         # requests of one batch share a radix prefix (then the rows that do not fit overflow).
         self.ts_capacity = getattr(model_runner, "max_total_num_tokens", None) or pool.size
         self.ts_scratch = self._alloc_scratch(model_runner.req_to_token_pool.req_to_token.shape[0])
+        self.ts_retired_scratch: list = []
         self.ts_step: Optional[DecodeStep] = None
         self.ts_decode_steps = 0
         logger.info(
@@ -136,6 +137,8 @@ class TokenSelectDecodeMixin:
         """Grow the per-request part of the scratch (never while a CUDA graph is captured:
         the graph state is initialised first, for the largest batch)."""
         if batch > self.ts_scratch.max_batch:
+            # A captured graph may still point at the old scratch: keep it alive.
+            self.ts_retired_scratch.append(self.ts_scratch)
             self.ts_scratch = self._alloc_scratch(batch)
             logger.info("TokenSelect: selection scratch grown to %d requests, %.1f MB",
                         batch, self.ts_scratch.nbytes / 2**20)
