@@ -199,6 +199,17 @@ def _kth_digit(hist, k, BINS: tl.constexpr):
 
 
 @triton.jit
+def _query_flat(q_ptr, b, stride_qb, stride_qh, flat_dim, HEAD_DIM: tl.constexpr, FLAT_PAD: tl.constexpr):
+    """Request b's query, heads flattened ([FLAT_PAD], 0 past ``flat_dim``), with its offsets
+    and mask."""
+    offs = tl.arange(0, FLAT_PAD)
+    m = offs < flat_dim
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM,
+                mask=m, other=0.0)
+    return offs, m, q
+
+
+@triton.jit
 def _copy_slots(out_ptr, r2t_row, first_pos, n, BLOCK: tl.constexpr, part=0, PARTS: tl.constexpr = 1):
     """``out[i] = req_to_token[row, first_pos + i]`` for ``i < n`` (blocks ``part``,
     ``part + PARTS``, ... of them)."""
@@ -244,10 +255,8 @@ def _gate_kernel(
             if seq_len > 1:  # CUDA-graph padding rows have length 1
                 tl.atomic_add(counter_ptr + 2, 1, sem="relaxed")
         return
-    offs = tl.arange(0, FLAT_PAD)
-    m = offs < flat_dim
-    a = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM,
-                mask=m, other=0.0).to(tl.float32)
+    offs, m, a = _query_flat(q_ptr, b, stride_qb, stride_qh, flat_dim, HEAD_DIM, FLAT_PAD)
+    a = a.to(tl.float32)
     c = tl.load(cq_ptr + row * stride_cq + offs, mask=m, other=0.0).to(tl.float32)
     _copy_slots(out, r2t_row, 0, n_init, BLOCK, s, SPLIT)
     _copy_slots(out + n_init + topk, r2t_row, seq_len - n_local, n_local, BLOCK, s, SPLIT)
@@ -436,9 +445,7 @@ def _vote_kernel(
 @triton.jit
 def _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim,
                  HEAD_DIM: tl.constexpr, FLAT_PAD: tl.constexpr):
-    offs = tl.arange(0, FLAT_PAD)
-    m = offs < flat_dim
-    a = tl.load(q_ptr + b.to(tl.int64) * stride_qb + (offs // HEAD_DIM) * stride_qh + offs % HEAD_DIM, mask=m)
+    offs, m, a = _query_flat(q_ptr, b, stride_qb, stride_qh, flat_dim, HEAD_DIM, FLAT_PAD)
     tl.store(cq_ptr + row * stride_cq + offs, a.to(cq_ptr.dtype.element_ty), mask=m)
 
 
