@@ -149,7 +149,9 @@ for s in "$@"; do
     # bs=1 decode at 4K/32K/128K/256K, flashinfer + tokenselect@t1. Estimate (warm): per backend
     # start ~70 s + warmup ~10 s + prefills ~1+4+15+45 s + decode 4x128 tokens ~5 s + stop ~10 s
     # = ~160 s; ~5.5-6 min in all (+4 min on a fresh machine without jit-restore).
-    e2e-bs1-a) step e2e_bs1 e2e_bs1 --backends flashinfer,tokenselect@t1; keep bs1.json ;;
+    # BS1_A overrides the backends (e.g. BS1_A=flashinfer alone on a fresh machine, where its
+    # first start absorbs the JIT, then BS1_B=tokenselect@t1,tokenselect@t0.9,tokenselect@t-1).
+    e2e-bs1-a) step e2e_bs1 e2e_bs1 --backends "${BS1_A:-flashinfer,tokenselect@t1}"; keep bs1.json ;;
     # Selection Cache thresholds 0.9 and -1 (static selection), merged with e2e-bs1-a's JSON
     # (same machine, or carried as $GPU_DIR/prev/bs1.json). Estimate (warm): ~5.5-6 min.
     e2e-bs1-b) p=$(prev_json bs1.json)

@@ -234,3 +234,18 @@ def test_decode_select_rejects_bad_inputs():
     small = ts.alloc_scratch(1, 256, case["q"].shape[1] * 2, DEVICE)
     with pytest.raises(ValueError, match="scratch"):
         run_kernel(case, small, threshold=0.9, scale=1.0)
+
+
+@pytest.mark.parametrize("vote, tied", [("soft", True), ("sum", False)])
+def test_long_tie_lists_are_narrowed_in_memory(monkeypatch, vote, tied):
+    """Tie lists longer than the register finisher holds go through the in-memory radix
+    levels first (exact ties: the first k of them); forced here with a 16-entry finisher."""
+    monkeypatch.setattr(ts, "SELECT_LIST_MAX", 16)
+    monkeypatch.setattr(ts, "SELECT_BLOCK", 64)  # several blocks per in-memory level
+    seed = fresh_seed()
+    lens = [1500, 600]
+    case = make_case(seed, lens, tied=tied, padding=0)
+    scratch = ts.alloc_scratch(2, 2048, case["q"].shape[1], DEVICE)
+    check_case(case, scratch, threshold=1.0, scale=1.0, vote=vote, msg=f"seed {seed}")
+    first_list = scratch.radix[:, ts.RADIX_COUNTERS + 1].cpu()
+    assert (first_list > 16).all(), f"the in-memory path was not taken: tie lists {first_list.tolist()}"
