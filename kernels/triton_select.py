@@ -12,7 +12,7 @@ sized from static shapes only (CUDA-graph capturable):
 2. ``_score_kernel``   persistent: walks the (tile of 64 candidates, kv head) items of the
    miss rows only, reads each candidate key once, stores ``exp2(s - m_tile)`` in bf16 plus
    the tile max / sum-exp per head (soft vote), or the head-summed score (sum vote).
-3. ``_lse_kernel``     grid (H_q / 4, B): each head's log-sum-exp over its row's candidates.
+3. ``_lse_kernel``     grid (H_q, B): each head's log-sum-exp over its row's candidates.
 4. ``_vote_kernel``    persistent: ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
    histogram of the votes' first-level buckets (1/16 octave of the soft vote around the row's
    mean vote, or the sum vote's top 8 key bits).
@@ -52,8 +52,8 @@ from sglang_tokenselect.kernels.reference import COUNTERS, check_threshold
 BLOCK_N = 64  # candidates per scoring tile
 VOTE_TILES = 8  # tiles per vote work item
 VOTE_HEAD_CHUNK = 4  # query heads per step of the vote loop
-LSE_HEADS = 4  # query heads per log-sum-exp program
-LSE_TILES = 256  # tile statistics per step of the log-sum-exp loop
+LSE_HEADS = 1  # query heads per log-sum-exp program (more programs: its loop is latency bound)
+LSE_TILES = 2048  # tile statistics per step of the log-sum-exp loop
 SELECT_BLOCK = 2048  # votes per step of the select loops
 SELECT_LIST_MAX = 4096  # tie lists up to this length are finished in registers by one program
 GATE_BLOCK = 512  # slots per step of the gate's copies

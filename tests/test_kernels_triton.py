@@ -236,16 +236,35 @@ def test_decode_select_rejects_bad_inputs():
         run_kernel(case, small, threshold=0.9, scale=1.0)
 
 
-@pytest.mark.parametrize("vote, tied", [("soft", True), ("sum", False)])
-def test_long_tie_lists_are_narrowed_in_memory(monkeypatch, vote, tied):
+def concentrate_votes(case, lens, seed, noise=2e-3):
+    """Every candidate key of request b becomes its kv group's summed query direction plus a
+    little noise: all votes of a row within ~1 % of each other, distinct, and positive."""
+    gen = torch.Generator().manual_seed(seed)
+    k_buffer, q = case["k_buffer"].cpu().float(), case["q"].cpu().float()
+    num_kv = k_buffer.shape[1]
+    for b, length in enumerate(lens):
+        row = int(case["req_pool_indices"][b])
+        slots = case["req_to_token"].cpu()[row, N_INIT:length - N_LOCAL].long()
+        direction = q[b].view(num_kv, -1, q.shape[-1]).sum(1)  # [H_kv, D]
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        k_buffer[slots] = direction + noise * torch.randn(slots.numel(), *direction.shape, generator=gen)
+    case["k_buffer"] = k_buffer.to(case["k_buffer"].dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("vote", ["soft", "sum"])
+@pytest.mark.parametrize("keys", ["exact_ties", "near_ties"])
+def test_long_tie_lists_are_narrowed_in_memory(monkeypatch, vote, keys):
     """Tie lists longer than the register finisher holds go through the in-memory radix
-    levels first (exact ties: the first k of them); forced here with a 16-entry finisher."""
+    levels first (exact ties: the first k of them); forced here with a 16-entry finisher and
+    rows whose votes are all exactly or nearly equal."""
     monkeypatch.setattr(ts, "SELECT_LIST_MAX", 16)
     monkeypatch.setattr(ts, "SELECT_BLOCK", 64)  # several blocks per in-memory level
     seed = fresh_seed()
     lens = [1500, 600]
-    case = make_case(seed, lens, tied=tied, padding=0)
+    case = make_case(seed, lens, tied=keys == "exact_ties", padding=0)
+    if keys == "near_ties":
+        concentrate_votes(case, lens, seed)
     scratch = ts.alloc_scratch(2, 2048, case["q"].shape[1], DEVICE)
     check_case(case, scratch, threshold=1.0, scale=1.0, vote=vote, msg=f"seed {seed}")
     first_list = scratch.radix[:, ts.RADIX_COUNTERS + 1].cpu()
-    assert (first_list > 16).all(), f"the in-memory path was not taken: tie lists {first_list.tolist()}"
+    assert (first_list > 16).all(), f"the in-memory path was not taken: tie lists {first_list.tolist()} seed {seed}"
