@@ -240,7 +240,7 @@ def bench_row(batch, seq_len, copy_bw):
     row["miss_us"] = graph_us(layer_fn(inputs, cache, scratch, 1.0))
     row["miss_stages_us"] = stage_breakdown(inputs, cache, scratch, 1.0)
     # after a miss: per row, [chosen above digit 2, tie list lengths after digits 0, 1, 2]
-    row["tie_lists"] = scratch.radix[:batch, ts.RADIX_COUNTERS:ts.RADIX_COUNTERS + 2].tolist()  # chosen at level 1, tie list
+    row["tie_lists"] = scratch.radix[:batch, ts.RADIX_COUNTERS:ts.RADIX_COUNTERS + 4].tolist()
     row["miss_us_in_graph"] = graph_us(layer_fn(inputs, cache, scratch, 1.0, LAYERS_PER_GRAPH)) / LAYERS_PER_GRAPH
     layer_fn(inputs, cache, scratch, 1.0, LAYERS_PER_GRAPH)()  # every layer's cache valid
     row["hit_us"] = graph_us(layer_fn(inputs, cache, scratch, -1.0))

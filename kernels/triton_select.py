@@ -14,14 +14,13 @@ sized from static shapes only (CUDA-graph capturable):
    the tile max / sum-exp per head (soft vote), or the head-summed score (sum vote).
 3. ``_lse_kernel``     grid (H_q, B): each head's log-sum-exp over its row's candidates.
 4. ``_vote_kernel``    persistent: ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
-   histogram of the votes' first-level buckets (1/16 octave of the soft vote around the row's
-   mean vote, or the sum vote's top 8 key bits).
+   histogram of the first 8-bit radix digit of the votes' order-preserving uint32 keys.
 5. ``_select_kernel``  grid (SPLIT, B): the exact top-k. The SPLIT programs of a row share
-   the first level: votes above the k-th vote's bucket go straight to the cache row, those in
-   it to a tie list. The row's last program finishes the tie list: four 8-bit radix levels in
-   registers (lists longer than ``SELECT_LIST_MAX`` are first narrowed level by level in
-   memory), exact ties of the k-th vote in list order; then it writes the top-k slots into
-   the KV indices and marks the selection valid. Another program of the row caches the query.
+   it: keys above the k-th key's first digit go straight to the cache row, keys equal to it
+   to a tie list with the next digit's histogram. The row's last program splits the (short)
+   tie list the same way on digits 1 and 2, takes the last digit's exact ties in list order,
+   writes the top-k slots into the KV indices, stores the query in the cache and marks the
+   selection valid.
 
 Hit and dense layers cost launch 1 plus four launches that find no work. The scratch is
 sized by the work: the candidates of the miss rows are laid end to end in tiles of 64,
@@ -55,17 +54,13 @@ VOTE_HEAD_CHUNK = 4  # query heads per step of the vote loop
 LSE_HEADS = 1  # query heads per log-sum-exp program (more programs: its loop is latency bound)
 LSE_TILES = 2048  # tile statistics per step of the log-sum-exp loop
 SELECT_BLOCK = 2048  # votes per step of the select loops
-SELECT_LIST_MAX = 4096  # tie lists up to this length are finished in registers by one program
 GATE_BLOCK = 512  # slots per step of the gate's copies
 GATE_SPLIT = 4  # gate programs per request (each recomputes the cosine, copies a share)
 RADIX_BITS = 8  # the top-k's radix digits: key bits [31:24], [23:16], [15:8], [7:0]
 HIST_BINS = 1 << RADIX_BITS
-# First-level buckets of the soft vote: 1/16 octave wide (key bits [31:19]), HIST_BINS of them
-# centred on the row's mean vote H_q / C (the soft votes of a row sum to H_q).
-SOFT_BUCKET_SHIFT = 19
-# radix scratch row: the first-level histogram, then counters (chosen, tie list, programs done)
-RADIX_COUNTERS = HIST_BINS
-RADIX_WORDS = RADIX_COUNTERS + 3
+# radix scratch row: a histogram per digit, then counters (chosen, tie lists 1-3, programs done)
+RADIX_COUNTERS = 4 * HIST_BINS
+RADIX_WORDS = RADIX_COUNTERS + 5
 SCORE_PROGRAMS_PER_SM = 4
 SCORE_STAGES = 3
 SCORE_WARPS = None  # None: 4 for BLOCK_N * D <= 8192, else 8
@@ -389,28 +384,9 @@ def _lse_kernel(
 
 
 @triton.jit
-def _digit(key, level, BITS: tl.constexpr):
-    """Radix digit ``level`` (0 = most significant) of uint32 keys."""
-    return ((key >> (32 - BITS * (level + 1))) & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
-def _bucket_base(cnt, NUM_HEADS: tl.constexpr, SOFT: tl.constexpr, BITS: tl.constexpr,
-                 SHIFT: tl.constexpr):
-    """Offset of a row's first-level buckets: soft votes centre them on the mean vote
-    H_q / cnt; the sum vote's are the keys' top BITS bits (offset 0)."""
-    if SOFT:
-        mean = NUM_HEADS / tl.maximum(cnt, 1).to(tl.float32)
-        return (_order_key(mean) >> SHIFT).to(tl.int32) - (1 << (BITS - 1))
-    else:
-        return cnt * 0
-
-
-@triton.jit
-def _bucket(key, base, BITS: tl.constexpr, SHIFT: tl.constexpr):
-    """First-level top-k bucket of uint32 keys: ``(key >> SHIFT) - base`` clamped to the
-    histogram. Monotone in the key, so keys above the k-th key's bucket are chosen outright."""
-    return tl.minimum(tl.maximum((key >> SHIFT).to(tl.int32) - base, 0), (1 << BITS) - 1)
+def _digit(key, LEVEL: tl.constexpr, BITS: tl.constexpr):
+    """Radix digit LEVEL (0 = most significant) of uint32 keys."""
+    return ((key >> (32 - BITS * (LEVEL + 1))) & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
@@ -419,10 +395,10 @@ def _vote_kernel(
     stride_lb, stride_th, stride_rb,
     batch, n_init, n_local, cap_tiles,
     NUM_HEADS: tl.constexpr, H_CHUNK: tl.constexpr, VT: tl.constexpr, BLOCK_N: tl.constexpr,
-    B_PAD: tl.constexpr, BITS: tl.constexpr, SHIFT: tl.constexpr, SOFT: tl.constexpr,
+    B_PAD: tl.constexpr, BITS: tl.constexpr, SOFT: tl.constexpr,
 ):
     """Work item = VT consecutive tiles of one row: their votes (soft vote; the sum vote's
-    were written by the score kernel) and the histogram of their first-level buckets."""
+    were written by the score kernel) and the histogram of their first radix digit."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows, cnt, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
@@ -458,8 +434,7 @@ def _vote_kernel(
         else:
             vote = tl.load(vote_ptrs, mask=valid, other=float("-inf"))
         key = _order_key(tl.reshape(vote, (VT * BLOCK_N,)))
-        base = _bucket_base(_pick(rows, b, cnt), NUM_HEADS, SOFT, BITS, SHIFT)
-        h = tl.histogram(_bucket(key, base, BITS, SHIFT), BINS, mask=tl.reshape(valid, (VT * BLOCK_N,)))
+        h = tl.histogram(_digit(key, 0, BITS), BINS, mask=tl.reshape(valid, (VT * BLOCK_N,)))
         tl.atomic_add(radix_ptr + b.to(tl.int64) * stride_rb + tl.arange(0, BINS), h,
                       mask=h > 0, sem="relaxed")
 
@@ -475,105 +450,36 @@ def _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_di
 
 
 @triton.jit
-def _split_level0(vote_row, n_src, key_dst, pos_dst, chosen_ptr, len_ptr, cpos_row, d, base, s, n_init,
-                  SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr, SHIFT: tl.constexpr):
-    """This program's share (blocks s, s + SPLIT, ...) of the row's votes: candidates whose
-    bucket is above ``d`` are chosen (appended to the cache row), those in bucket ``d`` go to
-    the tie list. chosen_ptr, len_ptr: the row's counters of both."""
+def _split_level(src_key, src_pos, n_src, dst_key, dst_pos, hist_ptr, chosen_ptr, dst_len_ptr, cpos_row,
+                 d, s, LEVEL: tl.constexpr, FROM_VOTES: tl.constexpr, n_init,
+                 SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """This program's share (blocks s, s + SPLIT, ...) of one radix level: keys whose digit
+    LEVEL is above ``d`` are chosen (appended to the cache row), keys equal to it go to the
+    next tie list, whose next digit's histogram is added to ``hist_ptr``. ``FROM_VOTES``: the
+    source is the row's votes (positions implicit) rather than a tie list. chosen_ptr,
+    dst_len_ptr: the counters of chosen positions and of the next list."""
+    BINS: tl.constexpr = 1 << BITS
+    hist = tl.zeros((BINS,), tl.int32)
     for blk in range(s, tl.cdiv(n_src, BLOCK), SPLIT):
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_src
-        key = _order_key(tl.load(vote_row + offs, mask=valid, other=0.0))
-        bkt = _bucket(key, base, BITS, SHIFT)
-        above = (valid & (bkt > d)).to(tl.int32)
-        at = tl.atomic_add(chosen_ptr, tl.sum(above, axis=0), sem="relaxed")
-        tl.store(cpos_row + at + tl.cumsum(above, axis=0) - 1, n_init + offs, mask=above != 0)
-        equal = (valid & (bkt == d)).to(tl.int32)
-        at = tl.atomic_add(len_ptr, tl.sum(equal, axis=0), sem="relaxed")
-        slot = at + tl.cumsum(equal, axis=0) - 1
-        tl.store(key_dst + slot, key.to(tl.int32, bitcast=True), mask=equal != 0)
-        tl.store(pos_dst + slot, n_init + offs, mask=equal != 0)
-
-
-@triton.jit
-def _load_list(key_ptr, pos_ptr, offs, m):
-    key = tl.load(key_ptr + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-    return key, tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
-
-
-@triton.jit
-def _narrow_list(src_key, src_pos, n, dst_key, dst_pos, cpos_out, level, k,
-                 BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """One program, one radix level over a tie list in memory: keys whose digit ``level`` is
-    above the k-th key's are chosen (written from ``cpos_out``), equal ones go to the next list.
-    Returns (chosen, length of the next list, k left)."""
-    hist = tl.zeros((1 << BITS,), tl.int32)
-    for t0 in range(0, n, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        key, _ = _load_list(src_key, src_pos, offs, offs < n)
-        hist += tl.histogram(_digit(key, level, BITS), 1 << BITS, mask=offs < n)
-    d, k_left = _kth_digit(hist, k, 1 << BITS)
-    chosen = tl.full((), 0, tl.int32)
-    kept = tl.full((), 0, tl.int32)
-    for t0 in range(0, n, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        m = offs < n
-        key, pos = _load_list(src_key, src_pos, offs, m)
-        dig = _digit(key, level, BITS)
-        above = (m & (dig > d)).to(tl.int32)
-        tl.store(cpos_out + chosen + tl.cumsum(above, axis=0) - 1, pos, mask=above != 0)
-        equal = (m & (dig == d)).to(tl.int32)
-        slot = kept + tl.cumsum(equal, axis=0) - 1
+        if FROM_VOTES:
+            key = _order_key(tl.load(src_key + offs, mask=valid, other=0.0))
+            pos = n_init + offs
+        else:
+            key = tl.load(src_key + offs, mask=valid, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+            pos = tl.load(src_pos + offs, mask=valid, other=0, cache_modifier=".cg")
+        dig = _digit(key, LEVEL, BITS)
+        above = (valid & (dig > d)).to(tl.int32)
+        base = tl.atomic_add(chosen_ptr, tl.sum(above, axis=0), sem="relaxed")
+        tl.store(cpos_row + base + tl.cumsum(above, axis=0) - 1, pos, mask=above != 0)
+        equal = (valid & (dig == d)).to(tl.int32)
+        base = tl.atomic_add(dst_len_ptr, tl.sum(equal, axis=0), sem="relaxed")
+        slot = base + tl.cumsum(equal, axis=0) - 1
         tl.store(dst_key + slot, key.to(tl.int32, bitcast=True), mask=equal != 0)
         tl.store(dst_pos + slot, pos, mask=equal != 0)
-        chosen += tl.sum(above, axis=0)
-        kept += tl.sum(equal, axis=0)
-    return chosen, kept, k_left
-
-
-@triton.jit
-def _finish_in_registers(key_ptr, pos_ptr, n, cpos_out, k, LIST_MAX: tl.constexpr, BITS: tl.constexpr):
-    """The k largest keys of a list of at most LIST_MAX, all four radix levels in registers;
-    exact ties of the k-th key are taken in list order."""
-    offs = tl.arange(0, LIST_MAX)
-    key, pos = _load_list(key_ptr, pos_ptr, offs, offs < n)
-    alive = offs < n  # still tied with the k-th key on every digit so far
-    take = offs < 0
-    for level in tl.static_range(4):
-        dig = _digit(key, level, BITS)
-        d, k = _kth_digit(tl.histogram(dig, 1 << BITS, mask=alive), k, 1 << BITS)
-        take = take | (alive & (dig > d))
-        alive = alive & (dig == d)
-    take = take | (alive & (tl.cumsum(alive.to(tl.int32), axis=0) <= k))
-    take = take.to(tl.int32)
-    tl.store(cpos_out + tl.cumsum(take, axis=0) - 1, pos, mask=take != 0)
-
-
-@triton.jit
-def _first_k(key_ptr, pos_ptr, n, cpos_out, k, BLOCK: tl.constexpr):
-    """The first k entries of a list (exact ties)."""
-    for t0 in range(0, k, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        _, pos = _load_list(key_ptr, pos_ptr, offs, offs < k)
-        tl.store(cpos_out + offs, pos, mask=offs < k)
-
-
-@triton.jit
-def _finish_tie_list(key_a, pos_a, key_b, pos_b, n, cpos_out, k,
-                     LIST_MAX: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """The k largest keys of the tie list (key_a, pos_a)[:n], written from ``cpos_out``: lists
-    longer than LIST_MAX are narrowed level by level in memory (ping-pong with key_b, pos_b)."""
-    level = 0
-    while (n > LIST_MAX) & (level < 4):
-        chosen, n, k = _narrow_list(key_a, pos_a, n, key_b, pos_b, cpos_out, level, k, BLOCK, BITS)
-        cpos_out += chosen
-        key_a, pos_a, key_b, pos_b = key_b, pos_b, key_a, pos_a
-        level += 1
-        tl.debug_barrier()
-    if n <= LIST_MAX:
-        _finish_in_registers(key_a, pos_a, n, cpos_out, k, LIST_MAX, BITS)
-    else:  # more than LIST_MAX keys equal to the k-th key
-        _first_k(key_a, pos_a, n, cpos_out, k, BLOCK)
+        hist += tl.histogram(_digit(key, LEVEL + 1, BITS), BINS, mask=equal != 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0, sem="relaxed")
 
 
 @triton.jit
@@ -582,9 +488,8 @@ def _select_kernel(
     indptr_ptr, kv_ptr, cpos_ptr, cvalid_ptr, counter_ptr, q_ptr, cq_ptr,
     stride_rb, stride_r2t, stride_cpos, stride_qb, stride_qh, stride_cq,
     batch, n_init, n_local, topk, cap_tiles, flat_dim,
-    NUM_HEADS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
-    BLOCK: tl.constexpr, LIST_MAX: tl.constexpr, BITS: tl.constexpr, SHIFT: tl.constexpr,
-    SOFT: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    BITS: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     FLAT_PAD: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -607,28 +512,49 @@ def _select_kernel(
             tl.store(cvalid_ptr + row, 0)
             tl.atomic_add(counter_ptr + 3, 1, sem="relaxed")
         return
-    if s == SPLIT - 1:  # off the last program's serial tail
-        _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim, HEAD_DIM, FLAT_PAD)
-    row_cnt = _pick(rows, b, cnt)
+    BINS: tl.constexpr = 1 << BITS
+    bins = tl.arange(0, BINS)
     row_off = _pick(rows, b, firsts).to(tl.int64) * BLOCK_N
     key_a, pos_a, key_b, pos_b = key_a + row_off, pos_a + row_off, key_b + row_off, pos_b + row_off
     radix_row = radix_ptr + b.to(tl.int64) * stride_rb
-    ctr = radix_row + CTR  # chosen, tie list length, programs done
-    # First level, split over the row's programs (its bucket histogram is the vote kernel's).
-    base = _bucket_base(row_cnt, NUM_HEADS, SOFT, BITS, SHIFT)
-    d, k = _kth_digit(tl.load(radix_row + tl.arange(0, 1 << BITS), cache_modifier=".cg"), topk, 1 << BITS)
-    _split_level0(vote_ptr + row_off, row_cnt, key_a, pos_a, ctr, ctr + 1, cpos_row, d, base, s, n_init,
-                  SPLIT, BLOCK, BITS, SHIFT)
+    ctr = radix_row + CTR  # chosen, lengths of tie lists 1-3, programs done
+    # Level 0, split over the row's programs (histogram of digit 0 from the vote kernel).
+    d, k = _kth_digit(tl.load(radix_row + bins, cache_modifier=".cg"), topk, BINS)
+    _split_level(vote_ptr + row_off, vote_ptr, _pick(rows, b, cnt), key_a, pos_a, radix_row + BINS,
+                 ctr, ctr + 1, cpos_row, d, s, 0, True, n_init, SPLIT, BLOCK, BITS)
     tl.debug_barrier()
-    if tl.atomic_add(ctr + 2, 1, sem="acq_rel") != SPLIT - 1:
+    if tl.atomic_add(ctr + 4, 1, sem="acq_rel") != SPLIT - 1:
         return
-    # The row's last program: the exact k left among the tie list.
+    # The row's last program: levels 1 and 2 over the (short) tie lists, then the last digit,
+    # whose equal keys are exact ties: the first k of them in list order.
+    d, k = _kth_digit(tl.load(radix_row + BINS + bins, cache_modifier=".cg"), k, BINS)
+    _split_level(key_a, pos_a, tl.load(ctr + 1, cache_modifier=".cg"), key_b, pos_b, radix_row + 2 * BINS,
+                 ctr, ctr + 2, cpos_row, d, 0, 1, False, n_init, 1, BLOCK, BITS)
+    tl.debug_barrier()
+    d, k = _kth_digit(tl.load(radix_row + 2 * BINS + bins, cache_modifier=".cg"), k, BINS)
+    _split_level(key_b, pos_b, tl.load(ctr + 2, cache_modifier=".cg"), key_a, pos_a, radix_row + 3 * BINS,
+                 ctr, ctr + 3, cpos_row, d, 0, 2, False, n_init, 1, BLOCK, BITS)
+    tl.debug_barrier()
+    d, k = _kth_digit(tl.load(radix_row + 3 * BINS + bins, cache_modifier=".cg"), k, BINS)
+    n_list = tl.load(ctr + 3, cache_modifier=".cg")
     filled = tl.load(ctr, cache_modifier=".cg")
-    _finish_tie_list(key_a, pos_a, key_b, pos_b, tl.load(ctr + 1, cache_modifier=".cg"), cpos_row + filled, k,
-                     LIST_MAX, BLOCK, BITS)
+    ties = tl.full((), 0, tl.int32)
+    for t0 in range(0, n_list, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        m = offs < n_list
+        key = tl.load(key_a + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+        pos = tl.load(pos_a + offs, mask=m, other=0, cache_modifier=".cg")
+        dig = _digit(key, 3, BITS)
+        tie = (m & (dig == d)).to(tl.int32)
+        rank = ties + tl.cumsum(tie, axis=0) - 1
+        take = ((m & (dig > d)) | ((tie != 0) & (rank < k))).to(tl.int32)
+        tl.store(cpos_row + filled + tl.cumsum(take, axis=0) - 1, pos, mask=take != 0)
+        filled += tl.sum(take, axis=0)
+        ties += tl.sum(tie, axis=0)
     tl.debug_barrier()
     out = kv_ptr + tl.load(indptr_ptr + b).to(tl.int64) + n_init
-    _gather_slots(out, r2t_ptr + row * stride_r2t, cpos_row, topk, BLOCK)
+    _gather_slots(out, r2t_ptr + row * stride_r2t, cpos_row, topk, GATE_BLOCK)
+    _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim, HEAD_DIM, FLAT_PAD)
     tl.store(cvalid_ptr + row, 1)
 
 
@@ -720,7 +646,6 @@ def decode_select_stages(
     sum_vote = vote == "sum"
     per_tile = 1 if sum_vote else num_kv_heads
     split = max(1, min(SELECT_MAX_SPLIT, (2 * sms) // batch))
-    shift = 32 - RADIX_BITS if sum_vote else SOFT_BUCKET_SHIFT
 
     def gate():
         _gate_kernel[(GATE_SPLIT, batch)](
@@ -757,8 +682,7 @@ def decode_select_stages(
             sc.probs, sc.tile_max, sc.lse, sc.votes, seq_lens, sc.miss, sc.radix,
             sc.lse.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout,
             NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
-            VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SHIFT=shift, SOFT=not sum_vote,
-            num_warps=4,
+            VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote, num_warps=4,
         )
 
     def select():
@@ -769,9 +693,8 @@ def decode_select_stages(
             sc.radix.stride(0), req_to_token.stride(0), cache_positions.stride(0),
             q.stride(0), q.stride(1), cache_query.stride(0),
             batch, n_init, n_local, topk, cap_tiles, flat_dim,
-            NUM_HEADS=num_q_heads, SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK,
-            LIST_MAX=SELECT_LIST_MAX, BITS=RADIX_BITS, SHIFT=shift, SOFT=not sum_vote, CTR=RADIX_COUNTERS,
-            GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, num_warps=8,
+            SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK, BITS=RADIX_BITS,
+            CTR=RADIX_COUNTERS, GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, num_warps=8,
         )
 
     stages = [("gate", gate), ("score", score)] + ([] if sum_vote else [("lse", lse)])
