@@ -11,6 +11,7 @@ resolved ServerArgs). No SGLang file is modified.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ def register() -> None:
         HookType.AFTER,
     )
     HookRegistry.register(f"{SERVER_ARGS}.__post_init__", hooks.after_post_init, HookType.AFTER)
-    HookRegistry.register(routes.HTTP_SETUP_TARGET, routes.before_http_server, HookType.BEFORE)
+    if multiprocessing.parent_process() is None:
+        # The launcher runs the HTTP server; applying a hook imports its target module, which the
+        # spawned scheduler and detokenizer processes need not load (~1 s each).
+        HookRegistry.register(routes.HTTP_SETUP_TARGET, routes.before_http_server, HookType.BEFORE)
     _registered = True
     logger.info("TokenSelect: registered attention backend %r", hooks.BACKEND_NAME)
