@@ -91,12 +91,14 @@ def _have_base_image() -> bool:
 CHECK_INSTALLED = """
 import importlib.metadata as m, json, shutil
 import sglang_tokenselect.launch_server as launch
+from sglang_tokenselect import kernels
 from sglang_tokenselect.server import stats
 eps = [e.value for e in m.entry_points(group="sglang.srt.plugins") if e.name == "tokenselect"]
 print(json.dumps({"version": m.version("sglang-tokenselect"), "plugins": eps,
                   "script": shutil.which("sglang-tokenselect-server"),
                   "argv": launch.with_default_backend(["--model-path", "m"]),
-                  "fraction": stats.attended_fraction(1, 4)}))
+                  "fraction": stats.attended_fraction(1, 4),
+                  "files": [launch.__file__, kernels.__file__, stats.__file__]}))
 """
 
 
@@ -115,9 +117,12 @@ def test_image_builds_and_has_the_package_and_its_entry_point():
     assert seen["plugins"] == ["sglang_tokenselect.plugin:register"]
     assert seen["script"] and seen["argv"][:2] == ["--attention-backend", "tokenselect"]
     assert seen["fraction"] == 0.25
+    assert all("-packages/sglang_tokenselect/" in path for path in seen["files"]), seen["files"]  # installed
     inspect = subprocess.run(["podman", "image", "inspect", tag], env=_podman_env(), capture_output=True,
                              text=True, timeout=60)
-    config = json.loads(inspect.stdout)[0]["Config"]
+    image = json.loads(inspect.stdout)[0]
+    config = image["Config"]
     assert config["Entrypoint"][:3] == ["python3", "-m", "sglang_tokenselect.launch_server"]
     assert "30000/tcp" in config["ExposedPorts"]
-    assert "/health" in " ".join(config["Healthcheck"]["Test"])
+    health = image.get("Healthcheck") or config.get("Healthcheck")  # podman: top level; docker: Config
+    assert "/health" in " ".join(health["Test"]) and health["StartPeriod"] >= 10 * 60 * 10**9
