@@ -85,6 +85,7 @@ class DecodeMonitor:
         self._decode_stream = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
+        self._seen, self._settled = 0, True  # decode steps at the last tick; nothing left to read
         self._cuda = counters.device.type == "cuda"
         if self._cuda:
             self._host = torch.empty(counters.shape, dtype=counters.dtype, pin_memory=True)
@@ -161,20 +162,24 @@ class DecodeMonitor:
         except OSError as exc:
             logger.warning("TokenSelect stats: cannot write %s: %s", self.stats_dir, exc)
 
+    def tick(self) -> bool:
+        """One reader-thread iteration: read and publish if decode steps were served since the
+        last one, and once more after they stop (that settling read sees the last step's
+        kernels). Returns whether it read."""
+        steps = self.decode_steps
+        if steps == self._seen and self._settled:
+            return False
+        self._settled = steps == self._seen
+        self._seen = steps
+        self.publish(self.read())
+        return True
+
     def _run(self) -> None:
         if self._cuda:
             torch.cuda.set_device(self.counters.device)  # the CUDA current device is per thread
-        seen = -1
-        settled = True
         while not self._stop.wait(self.period_s):
-            steps = self.decode_steps
-            if steps == seen and settled:
-                continue
-            # One more read after the steps stop: it sees the last step's kernels.
-            settled = steps == seen
-            seen = steps
             try:
-                self.publish(self.read())
+                self.tick()
             except Exception:
                 logger.exception("TokenSelect stats: reading the decode counters failed")
 

@@ -134,3 +134,26 @@ def _app(directory, backends=None) -> FastAPI:
     app = FastAPI()
     add_stats_route(app, directory, backends)
     return app
+
+
+def test_reader_ticks_while_steps_are_served_and_once_after(tmp_path):
+    counters = torch.zeros(2, 4, dtype=torch.int64)
+    monitor = DecodeMonitor(counters, budget=14, rank="tp0-pp0", stats_dir=str(tmp_path),
+                            describe=lambda: ({}, {}), start_thread=False)
+    try:
+        assert not monitor.tick()  # nothing served yet
+        monitor.on_decode_step(torch.tensor([1, 1]))  # CUDA-graph padding only: not a step
+        monitor.on_decode_step(torch.tensor([20]), in_capture=True)  # graph capture: not a step
+        assert monitor.decode_steps == 0 and not monitor.tick()
+        monitor.on_decode_step(torch.tensor([20, 1]))
+        counters[0, 2] += 1  # the kernels' work of that step lands later
+        counters[1, 2] += 1
+        assert monitor.tick() and monitor.latest.decode_steps == 1
+        assert monitor.tick() and monitor.latest.counts_match_requests()  # the settling read
+        assert not monitor.tick() and not monitor.tick()  # idle: no more reads
+        monitor.on_decode_step(torch.tensor([30]))
+        assert monitor.tick() and monitor.latest.decode_steps == 2
+        body = stats.summarize(stats.read_reports(str(tmp_path)))
+        assert body["decode_steps"] == 2 and body["attended_tokens"] == 14 + 14
+    finally:
+        monitor.close()
