@@ -110,3 +110,67 @@ def test_compare_writes_a_table_and_a_plot(locust_run, tmp_path):
     assert ttft_line.rstrip(" |").endswith("1.00")  # a run against itself
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert compare.main(["--run", "a=/nonexistent/x", "--out", str(out)]) == 1
+
+
+def _serve(pages: dict):
+    """A 127.0.0.1:0 server answering GET path -> (status, body) from ``pages``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            status, body = pages.get(self.path, (404, "no"))
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, "http://127.0.0.1:%d" % httpd.server_address[1]
+
+
+def _metrics_text(running: float) -> str:
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    for name, value in (("sglang:num_running_reqs", running), ("sglang:num_queue_reqs", 0),
+                        ("sglang:token_usage", 0)):
+        Gauge(name, "x", ["tp_rank"], registry=registry).labels(tp_rank="0").set(value)
+    return generate_latest(registry).decode()
+
+
+def test_check_server_passes_a_drained_server_and_names_what_is_not(tmp_path):
+    import json
+
+    import check_server
+    from sglang_tokenselect.server import stats
+
+    snap = stats.Snapshot(layer_counts=[[1, 1, 2, 0]], decode_steps=2, request_steps=4,
+                          attended_tokens=40, context_tokens=80)
+    report = stats.RankReport(rank="tp0-pp0", pid=1, config={"budget": 14}, memory={}, snapshot=snap)
+    good = json.dumps(stats.summarize([report]))
+    httpd, url = _serve({"/health": (200, ""), "/metrics": (200, _metrics_text(0)), "/tokenselect/stats": (200, good)})
+    try:
+        out = tmp_path / "after.json"
+        assert check_server.main(["--url", url, "--tokenselect", "--wait", "0", "--out", str(out)]) == 0
+        seen = json.loads(out.read_text())
+        assert seen["tokenselect_stats"]["attended_fraction"] == 0.5
+        failures, _ = check_server.check(url, tokenselect=False, wait=0)
+        assert failures == []
+    finally:
+        httpd.shutdown()
+    snap.request_steps = 5  # one request the counters did not see
+    bad = json.dumps(stats.summarize([report]))
+    httpd, url = _serve({"/health": (503, ""), "/metrics": (200, _metrics_text(2)), "/tokenselect/stats": (200, bad)})
+    try:
+        failures, _ = check_server.check(url, tokenselect=True, wait=0)
+    finally:
+        httpd.shutdown()
+    assert failures[0] == "/health returned 503"
+    assert "sglang:num_running_reqs is 2.0 after the drain, expected 0" in failures
+    assert failures[-1].startswith("tokenselect counters do not match the requests served")
