@@ -60,7 +60,7 @@ class DecodeMonitor:
     Args:
         counters: [layers, 4] int64, the Selection Cache counters (any device).
         budget: ``n_init + topk + n_local``; a request attends ``min(L, budget)`` per layer.
-        rank: this process's name in the stats directory (e.g. ``tp0``).
+        rank: this process's name in the stats directory, ``dp<d>-tp<t>-pp<p>``.
         stats_dir: where the rank's JSON report goes (None: no file).
         describe: returns ``(config dict, memory bytes dict)``; called off the decode path.
     """

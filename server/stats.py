@@ -134,7 +134,8 @@ def summarize(reports: list[RankReport]) -> dict[str, Any]:
 
     Layer-steps are summed over ranks (each TP rank selects over its own heads; PP ranks own
     disjoint layers, placed at their global layer index). Token counts and decode steps are the
-    same on every rank of one batch: the largest is reported.
+    same on every TP/PP rank of one batch: the largest is taken per data-parallel group
+    (rank names ``dp<d>-...``) and the groups are summed.
     """
     if not reports:
         return {"serving_decode": False, "ranks": 0,
@@ -148,8 +149,14 @@ def summarize(reports: list[RankReport]) -> dict[str, Any]:
                 dst[j] += int(value)
     totals = {name: sum(row[i] for row in per_layer) for i, name in enumerate(OUTCOMES)}
     snaps = [r.snapshot for r in reports]
-    attended = max(s.attended_tokens for s in snaps)
-    context = max(s.context_tokens for s in snaps)
+    groups: dict[str, list[Snapshot]] = {}
+    for r in reports:
+        groups.setdefault(r.rank.split("-")[0] if r.rank.startswith("dp") else "dp0", []).append(r.snapshot)
+
+    def batch_total(field_name: str) -> int:
+        return sum(max(getattr(s, field_name) for s in group) for group in groups.values())
+
+    attended, context = batch_total("attended_tokens"), batch_total("context_tokens")
     first = reports[0]
     return {
         "serving_decode": True,
@@ -157,8 +164,8 @@ def summarize(reports: list[RankReport]) -> dict[str, Any]:
         "ranks": len(reports),
         "device": first.device,
         "config": first.config,
-        "decode_steps": max(s.decode_steps for s in snaps),
-        "request_steps": max(s.request_steps for s in snaps),
+        "decode_steps": batch_total("decode_steps"),
+        "request_steps": batch_total("request_steps"),
         "layer_steps": totals,
         "hit_rate": hit_rate(totals["hits"], totals["misses"]),
         "hit_rate_per_layer": [hit_rate(row[0], row[1]) for row in per_layer],

@@ -135,8 +135,9 @@ class TokenSelectDecodeMixin:
         from sglang_tokenselect.server.monitor import DecodeMonitor
         from sglang_tokenselect.server.routes import STATS_DIR_ATTR
 
-        rank = f"tp{getattr(model_runner, 'tp_rank', 0)}-pp{getattr(model_runner, 'pp_rank', 0)}"
-        return DecodeMonitor(self.selection_cache.counters, budget=self.ts_config.budget, rank=rank,
+        ps = getattr(model_runner, "ps", model_runner)  # SGLang 0.5.17: the runner's parallel state
+        dp, tp, pp = (getattr(ps, f"{k}_rank", None) or 0 for k in ("dp", "tp", "pp"))
+        return DecodeMonitor(self.selection_cache.counters, budget=self.ts_config.budget, rank=f"dp{dp}-tp{tp}-pp{pp}",
                              stats_dir=getattr(model_runner.server_args, STATS_DIR_ATTR, None),
                              describe=self.describe, start_layer=self.ts_start_layer)
 

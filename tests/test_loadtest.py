@@ -152,7 +152,7 @@ def test_check_server_passes_a_drained_server_and_names_what_is_not(tmp_path):
 
     snap = stats.Snapshot(layer_counts=[[1, 1, 2, 0]], decode_steps=2, request_steps=4,
                           attended_tokens=40, context_tokens=80)
-    report = stats.RankReport(rank="tp0-pp0", pid=1, config={"budget": 14}, memory={}, snapshot=snap)
+    report = stats.RankReport(rank="dp0-tp0-pp0", pid=1, config={"budget": 14}, memory={}, snapshot=snap)
     good = json.dumps(stats.summarize([report]))
     httpd, url = _serve({"/health": (200, ""), "/metrics": (200, _metrics_text(0)), "/tokenselect/stats": (200, good)})
     try:

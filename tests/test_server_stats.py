@@ -42,7 +42,7 @@ def served(tmp_path):
     fx = run.fixture
     backend = TokenSelectTorchBackend(fx.runner, TokenSelectConfig(**SMALL, cache_threshold=-1.0))
     backend.ts_monitor.close()  # this test reads by hand, into its own directory
-    monitor = DecodeMonitor(backend.selection_cache.counters, budget=backend.ts_config.budget, rank="tp0-pp0",
+    monitor = DecodeMonitor(backend.selection_cache.counters, budget=backend.ts_config.budget, rank="dp0-tp0-pp0",
                             stats_dir=str(tmp_path), describe=backend.describe, start_thread=False)
     backend.ts_monitor = monitor
     forward(fx, backend)
@@ -110,7 +110,7 @@ def test_stats_route_reports_config_counters_and_fractions(served):
 
 
 def test_stats_route_sums_tensor_parallel_ranks(tmp_path):
-    for rank, counts in (("tp0-pp0", [[3, 1, 4, 0], [1, 3, 4, 1]]), ("tp1-pp0", [[1, 3, 4, 0], [2, 2, 4, 0]])):
+    for rank, counts in (("dp0-tp0-pp0", [[3, 1, 4, 0], [1, 3, 4, 1]]), ("dp0-tp1-pp0", [[1, 3, 4, 0], [2, 2, 4, 0]])):
         snap = stats.Snapshot(layer_counts=counts, decode_steps=2, request_steps=8, attended_tokens=48,
                               context_tokens=152, time=1.0)
         stats.write_report(str(tmp_path), stats.RankReport(rank=rank, pid=1, config={"budget": 14},
@@ -138,7 +138,7 @@ def _app(directory, backends=None) -> FastAPI:
 
 def test_reader_ticks_while_steps_are_served_and_once_after(tmp_path):
     counters = torch.zeros(2, 4, dtype=torch.int64)
-    monitor = DecodeMonitor(counters, budget=14, rank="tp0-pp0", stats_dir=str(tmp_path),
+    monitor = DecodeMonitor(counters, budget=14, rank="dp0-tp0-pp0", stats_dir=str(tmp_path),
                             describe=lambda: ({}, {}), start_thread=False)
     try:
         assert not monitor.tick()  # nothing served yet
@@ -155,5 +155,32 @@ def test_reader_ticks_while_steps_are_served_and_once_after(tmp_path):
         assert monitor.tick() and monitor.latest.decode_steps == 2
         body = stats.summarize(stats.read_reports(str(tmp_path)))
         assert body["decode_steps"] == 2 and body["attended_tokens"] == 14 + 14
+    finally:
+        monitor.close()
+
+
+def test_stats_route_sums_data_parallel_groups(tmp_path):
+    for dp in (0, 1):  # two schedulers serving different batches
+        snap = stats.Snapshot(layer_counts=[[1, 1, 2, 0]], decode_steps=2, request_steps=4, attended_tokens=40,
+                              context_tokens=80 * (dp + 1))
+        stats.write_report(str(tmp_path), stats.RankReport(rank=f"dp{dp}-tp0-pp0", pid=dp, config={},
+                                                           memory={}, snapshot=snap))
+    body = stats.summarize(stats.read_reports(str(tmp_path)))
+    assert body["decode_steps"] == 4 and body["request_steps"] == 8
+    assert body["attended_fraction"] == pytest.approx(80 / 240)
+
+
+def test_backend_names_its_report_by_the_runners_parallel_ranks():
+    from types import SimpleNamespace
+
+    from sglang_tokenselect.backend import TokenSelectDecodeMixin
+
+    backend = SimpleNamespace(selection_cache=SimpleNamespace(counters=torch.zeros(2, 4, dtype=torch.int64)),
+                              ts_config=TokenSelectConfig(**SMALL), ts_start_layer=0,
+                              describe=lambda: ({}, {}))
+    runner = SimpleNamespace(ps=SimpleNamespace(dp_rank=None, tp_rank=3, pp_rank=1), server_args=SimpleNamespace())
+    monitor = TokenSelectDecodeMixin._make_monitor(backend, runner)
+    try:
+        assert monitor.rank == "dp0-tp3-pp1" and monitor.budget == 14 and monitor.stats_dir is None
     finally:
         monitor.close()

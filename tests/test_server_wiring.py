@@ -84,7 +84,7 @@ SCHEDULER_SIDE = textwrap.dedent("""
     assert type(ctx.collector).__name__ == "TokenSelectSchedulerMetricsCollector", type(ctx.collector)
     # per layer: hits, misses, dense, overflow of 2 steps x 4 requests
     counters = torch.tensor([[3, 1, 4, 0], [1, 3, 4, 1]], dtype=torch.int64)
-    monitor = DecodeMonitor(counters, budget=14, rank="tp0-pp0", stats_dir=sa._tokenselect_stats_dir,
+    monitor = DecodeMonitor(counters, budget=14, rank="dp0-tp0-pp0", stats_dir=sa._tokenselect_stats_dir,
                             describe=lambda: ({"budget": 14}, {"scratch": 0}), start_thread=False)
     for _ in range(2):
         monitor.on_decode_step(torch.tensor([6, 14, 41, 91]))
