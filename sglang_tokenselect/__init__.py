@@ -5,13 +5,14 @@ import os as _os
 import sys as _sys
 
 
-def _map_source_kernels() -> None:
-    """In a source checkout ``kernels/`` sits beside this package (setuptools installs it as
-    ``sglang_tokenselect.kernels``); map it so the checkout imports like the installed package."""
+def _map_source_subpackage(sub: str) -> None:
+    """In a source checkout ``kernels/`` and ``server/`` sit beside this package (setuptools
+    installs them as ``sglang_tokenselect.<sub>``); map them so the checkout imports like the
+    installed package."""
     here = _os.path.dirname(_os.path.abspath(__file__))
-    source = _os.path.join(_os.path.dirname(here), "kernels")
-    name = __name__ + ".kernels"
-    if name in _sys.modules or _os.path.isdir(_os.path.join(here, "kernels")):
+    source = _os.path.join(_os.path.dirname(here), sub)
+    name = __name__ + "." + sub
+    if name in _sys.modules or _os.path.isdir(_os.path.join(here, sub)):
         return
     if not _os.path.isfile(_os.path.join(source, "__init__.py")):
         return
@@ -23,7 +24,8 @@ def _map_source_kernels() -> None:
     spec.loader.exec_module(module)
 
 
-_map_source_kernels()
+_map_source_subpackage("kernels")
+_map_source_subpackage("server")
 
 from sglang_tokenselect.config import TokenSelectConfig  # noqa: E402
 

@@ -115,6 +115,7 @@ class TokenSelectDecodeMixin:
         self.ts_retired_scratch: list = []
         self.ts_step: Optional[DecodeStep] = None
         self.ts_decode_steps = 0
+        self.ts_monitor = self._make_monitor(model_runner)
         logger.info(
             "TokenSelect: n_init=%d topk=%d n_local=%d (budget %d tokens), cache threshold %.3g, "
             "score scale %s, vote %s; Selection Cache %.1f MB for %d pool rows x %d layers; "
@@ -128,6 +129,29 @@ class TokenSelectDecodeMixin:
     @property
     def selection_cache(self) -> SelectionCache:
         return self.ts_selector.cache
+
+    def _make_monitor(self, model_runner: "ModelRunner"):
+        """The counters' reader for /metrics and /tokenselect/stats (sglang_tokenselect.server)."""
+        from sglang_tokenselect.server.monitor import DecodeMonitor
+        from sglang_tokenselect.server.routes import STATS_DIR_ATTR
+
+        ps = getattr(model_runner, "ps", model_runner)  # SGLang 0.5.17: the runner's parallel state
+        dp, tp, pp = (getattr(ps, f"{k}_rank", None) or 0 for k in ("dp", "tp", "pp"))
+        return DecodeMonitor(self.selection_cache.counters, budget=self.ts_config.budget, rank=f"dp{dp}-tp{tp}-pp{pp}",
+                             stats_dir=getattr(model_runner.server_args, STATS_DIR_ATTR, None),
+                             describe=self.describe, start_layer=self.ts_start_layer)
+
+    def describe(self) -> tuple[dict, dict]:
+        """(configuration, memory bytes) for the stats report; host values only."""
+        cfg = self.ts_config
+        config = {"n_init": cfg.n_init, "topk": cfg.topk, "n_local": cfg.n_local, "budget": cfg.budget,
+                  "cache_threshold": cfg.cache_threshold,
+                  "score_scale": "layer" if cfg.score_scale is None else cfg.score_scale,
+                  "vote": cfg.vote, "backend": type(self).__name__}
+        memory = {"selection_cache": self.selection_cache.nbytes,
+                  "scratch": self.ts_scratch.nbytes + sum(s.nbytes for s in self.ts_retired_scratch),
+                  "scratch_candidates": self.ts_capacity, "scratch_max_batch": self.ts_scratch.max_batch}
+        return config, memory
 
     def _alloc_scratch(self, max_batch: int):
         device = self.selection_cache.valid.device
@@ -166,8 +190,9 @@ class TokenSelectDecodeMixin:
         )
         return step
 
-    def _count_decode_step(self) -> None:
+    def _count_decode_step(self, seq_lens_cpu: Optional[torch.Tensor] = None, in_capture: bool = False) -> None:
         self.ts_decode_steps += 1
+        self.ts_monitor.on_decode_step(seq_lens_cpu, in_capture)  # host arithmetic only
         if self.ts_stats_interval and self.ts_decode_steps % self.ts_stats_interval == 0:
             self.log_stats()
 
@@ -220,7 +245,7 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             kv_indices=torch.empty(total, dtype=torch.int32, device=device),
             scratch=self.ts_scratch,
         )
-        self._count_decode_step()
+        self._count_decode_step(seq_lens_cpu)
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True):
@@ -283,7 +308,7 @@ def _flashinfer_backend_class():
             super().init_forward_metadata(forward_batch)
             if forward_batch.forward_mode.is_decode():
                 self._ensure_scratch_rows(forward_batch.batch_size)
-                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], forward_batch.batch_size)
+                self._bind_planned_step(self.forward_metadata.decode_wrappers[0], forward_batch)
 
         def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
@@ -295,16 +320,17 @@ def _flashinfer_backend_class():
             super().init_forward_metadata_out_graph(forward_batch, in_capture)
             if forward_batch.forward_mode.is_decode():
                 bs = forward_batch.batch_size
-                self._bind_planned_step(self.decode_cuda_graph_metadata[bs][0], bs)
+                self._bind_planned_step(self.decode_cuda_graph_metadata[bs][0], forward_batch, in_capture)
 
-        def _bind_planned_step(self, wrapper, bs: int) -> None:
+        def _bind_planned_step(self, wrapper, forward_batch: "ForwardBatch", in_capture: bool = False) -> None:
             """Point this step's selection at the index buffers FlashInfer was just planned with."""
+            bs = forward_batch.batch_size
             self.ts_step = DecodeStep(
                 kv_indptr=wrapper._paged_kv_indptr_buf[: bs + 1],
                 kv_indices=wrapper._paged_kv_indices_buf,
                 scratch=self.ts_scratch,
             )
-            self._count_decode_step()
+            self._count_decode_step(forward_batch.seq_lens_cpu, in_capture)
 
         def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                            save_kv_cache: bool = True):

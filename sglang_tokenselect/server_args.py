@@ -134,9 +134,13 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
 
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
     """tokenselect's defaults, set where SGLang resolves other backends' (args still
-    writable): a bounded request pool for the Selection Cache."""
+    writable): a bounded request pool for the Selection Cache, the stats directory and, with
+    --enable-metrics, the scheduler metrics collector."""
     if BACKEND_NAME not in server_args._resolved_attention_backends():
         return result
+    from sglang_tokenselect.server import wiring
+
+    wiring.configure(server_args)  # stats directory; the metrics collector with --enable-metrics
     if server_args.max_running_requests is None:
         server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
         logger.info(
