@@ -2,10 +2,11 @@
 
 Runs on the offline GPU host (benchmarks/gpu_session.sh accuracy). Converts the bundled
 SmolLM2 GGUF once, then per prompt length starts, side by side on one GPU, one server per
-TokenSelect configuration (budgets of ~5% and ~15% of the length, θ ∈ {0.9, 1.0}, the plain
-``sum`` vote at 5%, and the default 2,688-token budget that covers these lengths), plus one
-dense FlashInfer server for all lengths, and sends the pass-key, multi-key NIAH and key-value
-tasks at 5 depths through /v1/chat/completions (benchmarks/eval_longctx.py).
+TokenSelect configuration (budgets of ~5% and ~15% of the length, θ ∈ {0.8, 0.9, 1.0}, and the
+default 2,688-token budget that covers these lengths), plus one dense FlashInfer server for all
+lengths, and sends the pass-key, multi-key NIAH and key-value tasks at 5 depths through
+/v1/chat/completions (benchmarks/eval_longctx.py). Each TokenSelect run also records its
+Selection Cache hit rate per length (the server's stats lines), next to its accuracy.
 
     python3 benchmarks/accuracy_gpu.py --gguf FILE --out-dir DIR [--lengths 2048,4096,6144,8000]
 """
@@ -20,6 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,12 +49,8 @@ def budget_flags(length: int, fraction: float) -> list[str]:
 def tokenselect_configs(length: int, first: bool) -> dict[str, list[str]]:
     """Budgets relative to ``length``; the default budget (2,688 tokens, dense at 2K) once."""
     configs = {
-        "ts5_t0.9": budget_flags(length, 0.05) + ["--tokenselect-cache-threshold", "0.9"],
-        "ts5_t1.0": budget_flags(length, 0.05) + ["--tokenselect-cache-threshold", "1.0"],
-        "ts15_t0.9": budget_flags(length, 0.15) + ["--tokenselect-cache-threshold", "0.9"],
-        "ts15_t1.0": budget_flags(length, 0.15) + ["--tokenselect-cache-threshold", "1.0"],
-        "sum5_t1.0": budget_flags(length, 0.05) + ["--tokenselect-cache-threshold", "1.0",
-                                                    "--tokenselect-vote", "sum"],
+        f"ts{pct}_t{theta}": budget_flags(length, pct / 100) + ["--tokenselect-cache-threshold", theta]
+        for pct in (5, 15) for theta in ("0.8", "0.9", "1.0")
     }
     if first:
         configs["ts_default"] = []
@@ -63,7 +61,8 @@ def start(label: str, model: str, port: int, flags: list[str], out_dir: Path) ->
     if label == "dense":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "flashinfer"]
     else:
-        cmd = [sys.executable, "-m", "sglang_tokenselect.launch_server", "--tokenselect-stats-interval", "200"]
+        # stats lines often enough that a run of a few dozen decode steps logs its hit rate
+        cmd = [sys.executable, "-m", "sglang_tokenselect.launch_server", "--tokenselect-stats-interval", "8"]
     cmd += ["--model-path", model, "--port", str(port), *SERVER_FLAGS, *flags]
     server = e2e.ServerProcess(cmd, str(out_dir / "accuracy_servers.log.d" / f"{label}.log"), cwd=str(out_dir))
     server.start()
@@ -153,6 +152,7 @@ def main(argv=None) -> int:
             run = results["runs"].setdefault(label, {"flags": {}, "cells": []})
             run["flags"][str(L)] = configs[label]
             run["cells"].extend(cells)
+            run.setdefault("selection_cache", {})[str(L)] = selection_cache_stats(group[label][0])
         save()
         logging.info("length %d done (%.0f s left)", L, deadline.remaining())
 
@@ -163,6 +163,19 @@ def main(argv=None) -> int:
     os.system(f"tar czf {out_dir / 'accuracy_servers.tgz'} -C {logs} . && rm -rf {logs}")
     print(format_summary(results["summary"]))
     return 0
+
+
+def selection_cache_stats(server: e2e.ServerProcess) -> Optional[dict]:
+    """The last Selection Cache stats line of a stopped server's log (cumulative counters) and
+    its hit rate: hits / (hits + misses), dense layer-steps excluded."""
+    try:
+        stats = e2e.parse_stats_lines(Path(server.log_path).read_text(errors="replace"))
+    except OSError:
+        return None
+    if stats:
+        seen = stats.get("hits", 0) + stats.get("misses", 0)
+        stats["hit_rate"] = stats.get("hits", 0) / seen if seen else None
+    return stats
 
 
 def _complete_cells(runs: dict, per_length: int) -> dict:
@@ -195,6 +208,8 @@ def summarize(results: dict) -> dict:
                 for c in cells if (c["task"], c["length"], c["depth"]) in dense]
         summary["same_answer_as_dense"] = sum(same) / len(same) if same else None
         summary["correct_where_dense_correct"] = _conditional(cells, dense)
+        summary["hit_rate_by_length"] = {L: (st or {}).get("hit_rate")
+                                         for L, st in run.get("selection_cache", {}).items()}
         out[label] = summary
     return out
 
@@ -215,7 +230,8 @@ def format_summary(summary: dict) -> str:
         acc = s.get("accuracy")
         lines.append(f"{label:<12} {acc if acc is None else round(acc, 2)!s:>5} "
                      + " ".join(f"{per.get(t, float('nan')):>9.2f}" for t in TASKS)
-                     + f"  {s.get('same_answer_as_dense')!s:>13}  {s.get('correct_where_dense_correct')}")
+                     + f"  {s.get('same_answer_as_dense')!s:>13}  {s.get('correct_where_dense_correct')}"
+                     + (f"  hit rate {s['hit_rate_by_length']}" if s.get("hit_rate_by_length") else ""))
     return "\n".join(lines)
 
 

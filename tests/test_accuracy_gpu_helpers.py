@@ -1,0 +1,51 @@
+"""benchmarks/accuracy_gpu.py's bookkeeping (the GPU run itself is on the device): the
+configurations per length and the Selection Cache hit rate read back from a server log."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import accuracy_gpu as acc  # noqa: E402
+
+
+def test_configs_cover_both_budgets_and_three_thresholds():
+    configs = acc.tokenselect_configs(4096, first=True)
+    assert set(configs) == {f"ts{p}_t{t}" for p in (5, 15) for t in ("0.8", "0.9", "1.0")} | {"ts_default"}
+    flags = configs["ts15_t0.8"]
+    assert flags[flags.index("--tokenselect-cache-threshold") + 1] == "0.8"
+    topk = int(flags[flags.index("--tokenselect-topk") + 1])
+    n_local = int(flags[flags.index("--tokenselect-n-local") + 1])
+    assert acc.N_INIT + topk + n_local == round(0.15 * 4096)
+    assert "ts_default" not in acc.tokenselect_configs(4096, first=False)
+
+
+def test_hit_rate_from_the_last_cumulative_stats_line(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(
+        "[TP0] TokenSelect stats: decode_steps=8 selections=60 hits=15 misses=45 dense=0 overflow=0 hit_rate=0.2500\n"
+        "unrelated line\n"
+        "[TP0] TokenSelect stats: decode_steps=16 selections=120 hits=42 misses=78 dense=6 overflow=0 hit_rate=0.3500\n")
+    stats = acc.selection_cache_stats(SimpleNamespace(log_path=str(log)))
+    assert stats["hits"] == 42 and stats["misses"] == 78 and abs(stats["hit_rate"] - 0.35) < 1e-12
+
+
+def test_no_stats_line_or_no_log_gives_none(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("server started\n")
+    assert acc.selection_cache_stats(SimpleNamespace(log_path=str(log))) is None
+    assert acc.selection_cache_stats(SimpleNamespace(log_path=str(tmp_path / "missing.log"))) is None
+
+
+def test_summary_reports_hit_rate_by_length():
+    cell = dict(task="passkey", length=4096, depth=0.5, correct=True, answer="123", error=None)
+    results = {"runs": {
+        "dense": {"cells": [cell]},
+        "ts5_t0.9": {"cells": [cell], "selection_cache": {"4096": {"hit_rate": 0.25}, "8000": None}},
+    }}
+    summary = acc.summarize(results)
+    assert summary["ts5_t0.9"]["hit_rate_by_length"] == {"4096": 0.25, "8000": None}
+    assert "hit rate" in acc.format_summary(summary)
