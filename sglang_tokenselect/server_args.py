@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from sglang_tokenselect.config import VOTES, TokenSelectConfig, parse_score_scale
 
@@ -28,7 +28,8 @@ DEFAULT_MAX_RUNNING_REQUESTS = 256
 _DEFAULTS = TokenSelectConfig()
 
 
-def _int_at_least(option: str, low: int) -> Callable[[str], int]:
+def int_at_least(option: str, low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``; errors name ``option``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -41,53 +42,57 @@ def _int_at_least(option: str, low: int) -> Callable[[str], int]:
     return parse
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--tokenselect-cache-threshold must be a number in [-1, 1], got {text!r}"
-        ) from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(
-            "--tokenselect-cache-threshold must be in [-1, 1] (1 selects at every step, "
-            f"-1 selects once per request), got {value}"
-        )
-    return value
+def cache_threshold_type(option: str) -> Callable[[str], float]:
+    """argparse type: a Selection Cache threshold in [-1, 1]; errors name ``option``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be a number in [-1, 1], got {text!r}") from None
+        if not -1.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{option} must be in [-1, 1] (1 selects at every step, -1 selects once per request), "
+                f"got {value}"
+            )
+        return value
+
+    return parse
 
 
-def _score_scale(text: str):
-    try:
-        value = parse_score_scale(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value is not None and not value > 0:
-        raise argparse.ArgumentTypeError(
-            f"--tokenselect-score-scale must be a positive number or 'layer', got {text!r}"
-        )
-    return value
+def score_scale_type(option: str) -> Callable[[str], Optional[float]]:
+    """argparse type: a positive number, or ``layer`` (None); errors name ``option``."""
+    def parse(text: str) -> Optional[float]:
+        try:
+            value = parse_score_scale(text, option)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value is not None and not value > 0:
+            raise argparse.ArgumentTypeError(f"{option} must be a positive number or 'layer', got {text!r}")
+        return value
+
+    return parse
 
 
 def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``--tokenselect-*`` flags (defaults: the paper's 128 + 2K + 512, θ = 0.9)."""
     group = parser.add_argument_group("TokenSelect (--attention-backend tokenselect)")
-    group.add_argument("--tokenselect-n-init", type=_int_at_least("--tokenselect-n-init", 0),
+    group.add_argument("--tokenselect-n-init", type=int_at_least("--tokenselect-n-init", 0),
                        default=_DEFAULTS.n_init, help="Leading tokens always attended.")
-    group.add_argument("--tokenselect-n-local", type=_int_at_least("--tokenselect-n-local", 1),
+    group.add_argument("--tokenselect-n-local", type=int_at_least("--tokenselect-n-local", 1),
                        default=_DEFAULTS.n_local,
                        help="Most recent tokens always attended, the current one included.")
-    group.add_argument("--tokenselect-topk", type=_int_at_least("--tokenselect-topk", 1),
+    group.add_argument("--tokenselect-topk", type=int_at_least("--tokenselect-topk", 1),
                        default=_DEFAULTS.topk, help="Critical tokens selected per layer and request.")
-    group.add_argument("--tokenselect-cache-threshold", type=_threshold,
+    group.add_argument("--tokenselect-cache-threshold", type=cache_threshold_type("--tokenselect-cache-threshold"),
                        default=_DEFAULTS.cache_threshold,
                        help="Selection Cache: reuse the last selection while cos(q, q_cached) >= this, in [-1, 1]; "
                             "1 = select at every step, -1 = select once per request (static).")
-    group.add_argument("--tokenselect-score-scale", type=_score_scale, default=_DEFAULTS.score_scale,
+    group.add_argument("--tokenselect-score-scale", type=score_scale_type("--tokenselect-score-scale"), default=_DEFAULTS.score_scale,
                        help="c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
                             "(the layer's attention scale).")
     group.add_argument("--tokenselect-vote", choices=VOTES, default=_DEFAULTS.vote,
                        help="soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation).")
-    group.add_argument("--tokenselect-stats-interval", type=_int_at_least("--tokenselect-stats-interval", 0),
+    group.add_argument("--tokenselect-stats-interval", type=int_at_least("--tokenselect-stats-interval", 0),
                        default=0, help="Log Selection Cache hit/miss counts every N decode steps (0 = never).")
 
 
@@ -124,12 +129,25 @@ def after_add_cli_args(result, parser, *args, **kwargs):
 
 
 def around_from_cli_args(original, cls, args, *rest, **kwargs):
+    """Refuse what the command line alone shows tokenselect cannot serve, as one line and
+    before SGLang resolves the model; keep the parsed config on the ServerArgs."""
+    if BACKEND_NAME in cli_attention_backends(args):
+        reason = unsupported_reason(args, cli_attention_backends(args))
+        if reason:
+            raise SystemExit(f"error: {reason}")
     config = config_from_namespace(args) if hasattr(args, "tokenselect_topk") else None
     server_args = original(cls, args, *rest, **kwargs)
     if config is not None:
         setattr(server_args, CONFIG_ATTR, config)
         setattr(server_args, STATS_ATTR, args.tokenselect_stats_interval)
     return server_args
+
+
+def cli_attention_backends(args: argparse.Namespace) -> tuple:
+    """(prefill, decode) backends as given on the command line (None where SGLang picks)."""
+    backend = getattr(args, "attention_backend", None)
+    return (getattr(args, "prefill_attention_backend", None) or backend,
+            getattr(args, "decode_attention_backend", None) or backend)
 
 
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
@@ -154,41 +172,40 @@ def after_post_init(result, server_args, *args, **kwargs):
 
 
 def check_server_args_supported(server_args: Any) -> None:
-    """Raise ValueError naming the option for what tokenselect cannot serve."""
-    prefill, decode = server_args.get_attention_backends()
+    """Raise ValueError naming the option for what tokenselect cannot serve (resolved args)."""
+    reason = unsupported_reason(server_args, server_args.get_attention_backends())
+    if reason:
+        raise ValueError(reason)
+
+
+def unsupported_reason(args: Any, backends: tuple) -> Optional[str]:
+    """Why tokenselect cannot serve ``args`` (a ServerArgs or the parsed command line), naming
+    the option; None when it can. ``backends`` is (prefill, decode)."""
+    prefill, decode = backends
     if prefill != decode:
-        raise ValueError(
-            "--attention-backend tokenselect must serve both prefill and decode; got "
-            f"--prefill-attention-backend {prefill} and --decode-attention-backend {decode}."
-        )
-    if server_args.page_size not in (None, 1):
-        raise ValueError(f"--attention-backend tokenselect needs --page-size 1, got {server_args.page_size}.")
-    if server_args.speculative_algorithm is not None:
-        raise ValueError(
-            "--attention-backend tokenselect does not support speculative decoding "
-            f"(--speculative-algorithm {server_args.speculative_algorithm})."
-        )
-    if server_args.enable_mixed_chunk:
-        raise ValueError(
-            "--attention-backend tokenselect does not support --enable-mixed-chunk "
-            "(mixed batches send decode tokens through the dense extend path)."
-        )
-    if server_args.kv_cache_dtype not in ("auto", None) and not str(server_args.kv_cache_dtype).startswith(
+        return ("--attention-backend tokenselect must serve both prefill and decode; got "
+                f"--prefill-attention-backend {prefill or 'auto'} and --decode-attention-backend {decode or 'auto'}.")
+    if args.page_size not in (None, 1):
+        return f"--attention-backend tokenselect needs --page-size 1, got {args.page_size}."
+    if args.speculative_algorithm is not None:
+        return ("--attention-backend tokenselect does not support speculative decoding "
+                f"(--speculative-algorithm {args.speculative_algorithm}).")
+    if args.enable_mixed_chunk:
+        return ("--attention-backend tokenselect does not support --enable-mixed-chunk "
+                "(mixed batches send decode tokens through the dense extend path).")
+    if args.kv_cache_dtype not in ("auto", None) and not str(args.kv_cache_dtype).startswith(
         ("bf16", "bfloat16", "fp16", "float16")
     ):
-        raise ValueError(
-            "--attention-backend tokenselect does not support a quantized KV cache "
-            f"(--kv-cache-dtype {server_args.kv_cache_dtype})."
-        )
-    if getattr(server_args, "enable_dp_attention", False):
-        raise ValueError("--attention-backend tokenselect does not support --enable-dp-attention.")
+        return ("--attention-backend tokenselect does not support a quantized KV cache "
+                f"(--kv-cache-dtype {args.kv_cache_dtype}).")
+    if getattr(args, "enable_dp_attention", False):
+        return "--attention-backend tokenselect does not support --enable-dp-attention."
     # In these modes a pool row can change owner without an extend, which is where the
     # Selection Cache forgets a row's selections: a new request would reuse its predecessor's.
-    if getattr(server_args, "disaggregation_mode", "null") == "decode":
-        raise ValueError(
-            "--attention-backend tokenselect does not support --disaggregation-mode decode "
-            "(requests start decoding without an extend on this server)."
-        )
+    if getattr(args, "disaggregation_mode", "null") == "decode":
+        return ("--attention-backend tokenselect does not support --disaggregation-mode decode "
+                "(requests start decoding without an extend on this server).")
     for flag in ("enable_two_batch_overlap", "enable_pdmux"):
-        if getattr(server_args, flag, False):
-            raise ValueError(f"--attention-backend tokenselect does not support --{flag.replace('_', '-')}.")
+        if getattr(args, flag, False):
+            return f"--attention-backend tokenselect does not support --{flag.replace('_', '-')}."
+    return None

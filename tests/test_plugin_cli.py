@@ -121,16 +121,43 @@ def test_other_backends_are_left_alone(tiny_model):
     assert not hasattr(sa, "_tokenselect_config") or sa._tokenselect_config == TokenSelectConfig()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--page-size", "16"), "--page-size 1"),
+UNSUPPORTED_ON_THE_COMMAND_LINE = [
+    (("--page-size", "16"), "needs --page-size 1, got 16"),
     (("--enable-mixed-chunk",), "--enable-mixed-chunk"),
-    (("--prefill-attention-backend", "torch_native"), "--prefill-attention-backend"),
+    (("--prefill-attention-backend", "torch_native"), "--prefill-attention-backend torch_native"),
     (("--enable-two-batch-overlap",), "--enable-two-batch-overlap"),
     (("--enable-pdmux",), "--enable-pdmux"),
+    (("--kv-cache-dtype", "fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
+    (("--speculative-algorithm", "EAGLE"), "--speculative-algorithm EAGLE"),
+]
+
+
+@pytest.mark.parametrize("argv, message", UNSUPPORTED_ON_THE_COMMAND_LINE)
+def test_unsupported_options_are_refused_on_the_command_line_in_one_line(argv, message):
+    """Refused from the arguments alone, before SGLang resolves (or downloads) the model:
+    the model path does not even exist."""
+    with pytest.raises(SystemExit) as exc:
+        server_args("/nonexistent/model", "--attention-backend", "tokenselect", *argv)
+    text = str(exc.value.code)
+    assert message in text and text.startswith("error: ") and "\n" not in text
+
+
+def test_supported_options_pass_the_command_line_check(tiny_model):
+    sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--page-size", "1",
+                     "--kv-cache-dtype", "bf16")
+    assert sa.page_size == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("page_size", 16, "--page-size 1"),
+    ("enable_mixed_chunk", True, "--enable-mixed-chunk"),
+    ("enable_pdmux", True, "--enable-pdmux"),
 ])
-def test_unsupported_server_options_are_refused_by_name(tiny_model, argv, message):
+def test_server_args_built_in_python_are_checked_once_resolved(tiny_model, field, value, message):
+    """ServerArgs built without the command line (SGLang's Engine API) meet the same rules."""
     with pytest.raises(ValueError, match=message):
-        server_args(tiny_model, "--attention-backend", "tokenselect", *argv)
+        ServerArgs(model_path=tiny_model, device="cpu", skip_tokenizer_init=True,
+                   attention_backend="tokenselect", **{field: value})
 
 
 def test_decode_only_disaggregation_is_refused_by_name():
