@@ -24,7 +24,7 @@ def register() -> None:
         return
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, ServerArgs, add_attention_backend_choices
 
     from sglang_tokenselect import server_args as hooks
     from sglang_tokenselect.backend import create_tokenselect_backend
@@ -34,11 +34,26 @@ def register() -> None:
     register_attention_backend(hooks.BACKEND_NAME)(create_tokenselect_backend)
     HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", hooks.after_add_cli_args, HookType.AFTER)
     HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", hooks.around_from_cli_args, HookType.AROUND)
-    HookRegistry.register(
-        f"{SERVER_ARGS}._handle_attention_backend_compatibility",
-        hooks.after_attention_backend_compatibility,
-        HookType.AFTER,
-    )
-    HookRegistry.register(f"{SERVER_ARGS}.__post_init__", hooks.after_post_init, HookType.AFTER)
+    if resolves_in_post_init(ServerArgs):
+        HookRegistry.register(
+            f"{SERVER_ARGS}._handle_attention_backend_compatibility",
+            hooks.after_attention_backend_compatibility,
+            HookType.AFTER,
+        )
+        HookRegistry.register(f"{SERVER_ARGS}.__post_init__", hooks.after_post_init, HookType.AFTER)
+    else:
+        logger.warning(
+            "TokenSelect: this SGLang resolves server arguments outside ServerArgs.__post_init__ "
+            "(verified: 0.5.17); the command-line checks apply, the --max-running-requests default "
+            "and the checks of resolved arguments do not."
+        )
     _registered = True
     logger.info("TokenSelect: registered attention backend %r", hooks.BACKEND_NAME)
+
+
+
+def resolves_in_post_init(server_args_cls) -> bool:
+    """SGLang 0.5.17 resolves arguments in ``ServerArgs.__post_init__`` (through
+    ``_handle_attention_backend_compatibility``); 0.5.23 resolves them later, in a pipeline of
+    its own (``ServerArgs.resolve_once``), and has neither hook target."""
+    return hasattr(server_args_cls, "_handle_attention_backend_compatibility")

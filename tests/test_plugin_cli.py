@@ -12,6 +12,8 @@ from sglang.srt.plugins import load_plugins
 
 load_plugins()  # the installed entry point, as SGLang's launcher does
 
+pytestmark = pytest.mark.sglang_contract
+
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS  # noqa: E402
 from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, ServerArgs, prepare_server_args  # noqa: E402
 
@@ -97,6 +99,10 @@ def server_args(model: str, *argv: str) -> ServerArgs:
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *argv])
 
 
+resolution_hooks = pytest.mark.sglang_resolution  # needs ServerArgs.__post_init__ resolution (0.5.17)
+
+
+@resolution_hooks
 def test_resolution_attaches_config_and_keeps_decode_graph_batches(tiny_model):
     plain = server_args(tiny_model, "--attention-backend", "flashinfer", "--max-running-requests", "256")
     sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-topk", "96",
@@ -148,6 +154,7 @@ def test_supported_options_pass_the_command_line_check(tiny_model):
     assert sa.page_size == 1
 
 
+@resolution_hooks
 @pytest.mark.parametrize("field, value, message", [
     ("page_size", 16, "--page-size 1"),
     ("enable_mixed_chunk", True, "--enable-mixed-chunk"),
