@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sglang_tokenselect import demo
+from sglang_tokenselect_eval import demo
 
 
 def demo_error(capsys, *argv: str) -> str:

