@@ -20,7 +20,7 @@ from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, ServerArgs, prepar
 from sglang_tokenselect.backend import create_tokenselect_backend  # noqa: E402
 from sglang_tokenselect.config import TokenSelectConfig  # noqa: E402
 from sglang_tokenselect.launch_server import with_default_backend  # noqa: E402
-from sglang_tokenselect.server_args import config_from_namespace  # noqa: E402
+from sglang_tokenselect.server_args import config_from_namespace, resolved  # noqa: E402
 
 
 def test_entry_point_registers_the_backend():
@@ -99,23 +99,32 @@ def server_args(model: str, *argv: str) -> ServerArgs:
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *argv])
 
 
-resolution_hooks = pytest.mark.sglang_resolution  # needs ServerArgs.__post_init__ resolution (0.5.17)
+def resolve(sa: ServerArgs):
+    """The resolved arguments: SGLang 0.5.17 resolves while building ServerArgs, 0.5.23 when
+    its launcher calls ``resolve_once``."""
+    if hasattr(sa, "resolve_once"):
+        sa.resolve_once()
+    return resolved(sa)
 
 
-@resolution_hooks
+def decode_graph_batches(view):
+    cfg = view.cuda_graph_config  # None on a CPU with SGLang 0.5.23
+    return None if cfg is None else (cfg.decode.max_bs, cfg.decode.bs)
+
+
 def test_resolution_attaches_config_and_keeps_decode_graph_batches(tiny_model):
-    plain = server_args(tiny_model, "--attention-backend", "flashinfer", "--max-running-requests", "256")
+    plain = resolve(server_args(tiny_model, "--attention-backend", "flashinfer", "--max-running-requests", "256"))
     sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-topk", "96",
                      "--tokenselect-stats-interval", "8")
     assert sa._tokenselect_config == TokenSelectConfig(topk=96)
     assert sa._tokenselect_stats_interval == 8
+    view = resolve(sa)
     # the selection scratch does not grow with the captured batch: SGLang's own choice stands
-    assert sa.cuda_graph_config.decode.max_bs == plain.cuda_graph_config.decode.max_bs
-    assert sa.cuda_graph_config.decode.bs == plain.cuda_graph_config.decode.bs
-    assert sa.max_running_requests == 256
-    assert sa.page_size in (None, 1)
+    assert decode_graph_batches(view) == decode_graph_batches(plain)
+    assert view.max_running_requests == 256
+    assert view.page_size in (None, 1)
     explicit = server_args(tiny_model, "--attention-backend", "tokenselect", "--max-running-requests", "7")
-    assert explicit.max_running_requests == 7
+    assert resolve(explicit).max_running_requests == 7
     import pickle  # SGLang hands ServerArgs to its scheduler processes
 
     assert pickle.loads(pickle.dumps(sa))._tokenselect_config == TokenSelectConfig(topk=96)
@@ -123,7 +132,7 @@ def test_resolution_attaches_config_and_keeps_decode_graph_batches(tiny_model):
 
 def test_other_backends_are_left_alone(tiny_model):
     sa = server_args(tiny_model, "--attention-backend", "triton")
-    assert sa.max_running_requests is None
+    assert resolve(sa).max_running_requests is None
     assert not hasattr(sa, "_tokenselect_config") or sa._tokenselect_config == TokenSelectConfig()
 
 
@@ -154,7 +163,6 @@ def test_supported_options_pass_the_command_line_check(tiny_model):
     assert sa.page_size == 1
 
 
-@resolution_hooks
 @pytest.mark.parametrize("field, value, message", [
     ("page_size", 16, "--page-size 1"),
     ("enable_mixed_chunk", True, "--enable-mixed-chunk"),
@@ -163,8 +171,8 @@ def test_supported_options_pass_the_command_line_check(tiny_model):
 def test_server_args_built_in_python_are_checked_once_resolved(tiny_model, field, value, message):
     """ServerArgs built without the command line (SGLang's Engine API) meet the same rules."""
     with pytest.raises(ValueError, match=message):
-        ServerArgs(model_path=tiny_model, device="cpu", skip_tokenizer_init=True,
-                   attention_backend="tokenselect", **{field: value})
+        resolve(ServerArgs(model_path=tiny_model, device="cpu", skip_tokenizer_init=True,
+                           attention_backend="tokenselect", **{field: value}))
 
 
 def test_decode_only_disaggregation_is_refused_by_name():
@@ -175,7 +183,8 @@ def test_decode_only_disaggregation_is_refused_by_name():
 
     from sglang_tokenselect.server_args import check_server_args_supported
 
-    args = SimpleNamespace(get_attention_backends=lambda: ("tokenselect", "tokenselect"), page_size=1,
+    args = SimpleNamespace(attention_backend="tokenselect", prefill_attention_backend=None,
+                           decode_attention_backend=None, _resolved_overrides=[], page_size=1,
                            speculative_algorithm=None, enable_mixed_chunk=False, kv_cache_dtype="auto",
                            enable_dp_attention=False, disaggregation_mode="decode")
     with pytest.raises(ValueError, match="--disaggregation-mode decode"):

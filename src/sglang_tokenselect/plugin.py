@@ -34,26 +34,20 @@ def register() -> None:
     register_attention_backend(hooks.BACKEND_NAME)(create_tokenselect_backend)
     HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", hooks.after_add_cli_args, HookType.AFTER)
     HookRegistry.register(f"{SERVER_ARGS}.from_cli_args", hooks.around_from_cli_args, HookType.AROUND)
-    if resolves_in_post_init(ServerArgs):
-        HookRegistry.register(
-            f"{SERVER_ARGS}._handle_attention_backend_compatibility",
-            hooks.after_attention_backend_compatibility,
-            HookType.AFTER,
-        )
-        HookRegistry.register(f"{SERVER_ARGS}.__post_init__", hooks.after_post_init, HookType.AFTER)
-    else:
-        logger.warning(
-            "TokenSelect: this SGLang resolves server arguments outside ServerArgs.__post_init__ "
-            "(verified: 0.5.17); the command-line checks apply, the --max-running-requests default "
-            "and the checks of resolved arguments do not."
-        )
+    if resolves_in_post_init(ServerArgs):  # SGLang 0.5.17
+        compatibility = f"{SERVER_ARGS}._handle_attention_backend_compatibility"
+        resolution = f"{SERVER_ARGS}.__post_init__"
+    else:  # a resolution pipeline run by ServerArgs.resolve_once (SGLang 0.5.23)
+        compatibility = "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility"
+        resolution = f"{SERVER_ARGS}.resolve_once"
+    HookRegistry.register(compatibility, hooks.after_attention_backend_compatibility, HookType.AFTER)
+    HookRegistry.register(resolution, hooks.after_resolution, HookType.AFTER)
     _registered = True
     logger.info("TokenSelect: registered attention backend %r", hooks.BACKEND_NAME)
 
 
-
 def resolves_in_post_init(server_args_cls) -> bool:
-    """SGLang 0.5.17 resolves arguments in ``ServerArgs.__post_init__`` (through
-    ``_handle_attention_backend_compatibility``); 0.5.23 resolves them later, in a pipeline of
-    its own (``ServerArgs.resolve_once``), and has neither hook target."""
+    """SGLang 0.5.17 resolves arguments in ``ServerArgs.__post_init__`` (through the method
+    ``_handle_attention_backend_compatibility``); 0.5.23 resolves them in ``resolve_once``,
+    a pipeline whose attention step is ``arg_groups.attention_hook``'s function."""
     return hasattr(server_args_cls, "_handle_attention_backend_compatibility")

@@ -117,8 +117,36 @@ def stats_interval_from_server_args(server_args: Any) -> int:
     return int(getattr(server_args, STATS_ATTR, 0) or 0)
 
 
+def attention_backends(args: Any) -> tuple:
+    """(prefill, decode) backends of a parsed command line, a ServerArgs or a resolved view;
+    the split fields fall back to ``attention_backend`` (None where SGLang picks one)."""
+    backend = getattr(args, "attention_backend", None)
+    return (getattr(args, "prefill_attention_backend", None) or backend,
+            getattr(args, "decode_attention_backend", None) or backend)
+
+
+def resolved(server_args: Any) -> Any:
+    """``server_args`` as SGLang resolved it: its resolution's declarations over the inputs
+    (SGLang 0.5.17 declares some of them, 0.5.23 all)."""
+    from sglang.srt.arg_groups.overrides import resolved_view
+
+    return resolved_view(server_args)
+
+
+def set_resolved(server_args: Any, **fields: Any) -> None:
+    """Decide resolved values: a declaration where SGLang resolves through declarations
+    (0.5.23), else a plain write while ``__post_init__`` resolves (0.5.17)."""
+    try:
+        from sglang.srt.arg_groups.overrides import declare_resolution
+    except ImportError:
+        for name, value in fields.items():
+            setattr(server_args, name, value)
+        return
+    declare_resolution(server_args, "tokenselect", **fields)
+
+
 def uses_tokenselect(server_args: Any) -> bool:
-    return BACKEND_NAME in server_args.get_attention_backends()
+    return BACKEND_NAME in attention_backends(resolved(server_args))
 
 
 # --- hooks (registered by sglang_tokenselect.plugin) -------------------------------------
@@ -131,8 +159,8 @@ def after_add_cli_args(result, parser, *args, **kwargs):
 def around_from_cli_args(original, cls, args, *rest, **kwargs):
     """Refuse what the command line alone shows tokenselect cannot serve, as one line and
     before SGLang resolves the model; keep the parsed config on the ServerArgs."""
-    if BACKEND_NAME in cli_attention_backends(args):
-        reason = unsupported_reason(args, cli_attention_backends(args))
+    if BACKEND_NAME in attention_backends(args):
+        reason = unsupported_reason(args, attention_backends(args))
         if reason:
             raise SystemExit(f"error: {reason}")
     config = config_from_namespace(args) if hasattr(args, "tokenselect_topk") else None
@@ -143,20 +171,13 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
     return server_args
 
 
-def cli_attention_backends(args: argparse.Namespace) -> tuple:
-    """(prefill, decode) backends as given on the command line (None where SGLang picks)."""
-    backend = getattr(args, "attention_backend", None)
-    return (getattr(args, "prefill_attention_backend", None) or backend,
-            getattr(args, "decode_attention_backend", None) or backend)
-
-
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
-    """tokenselect's defaults, set where SGLang resolves other backends' (args still
-    writable): a bounded request pool for the Selection Cache."""
-    if BACKEND_NAME not in server_args._resolved_attention_backends():
+    """tokenselect's defaults, set where SGLang resolves other backends': a bounded request
+    pool for the Selection Cache."""
+    if not uses_tokenselect(server_args):
         return result
-    if server_args.max_running_requests is None:
-        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+    if resolved(server_args).max_running_requests is None:
+        set_resolved(server_args, max_running_requests=DEFAULT_MAX_RUNNING_REQUESTS)
         logger.info(
             "TokenSelect: --max-running-requests defaults to %d (the Selection Cache keeps state "
             "per request slot); pass it explicitly to change.", DEFAULT_MAX_RUNNING_REQUESTS,
@@ -164,7 +185,7 @@ def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
     return result
 
 
-def after_post_init(result, server_args, *args, **kwargs):
+def after_resolution(result, server_args, *args, **kwargs):
     """Refuse unsupported combinations once the args are resolved."""
     if uses_tokenselect(server_args):
         check_server_args_supported(server_args)
@@ -173,7 +194,8 @@ def after_post_init(result, server_args, *args, **kwargs):
 
 def check_server_args_supported(server_args: Any) -> None:
     """Raise ValueError naming the option for what tokenselect cannot serve (resolved args)."""
-    reason = unsupported_reason(server_args, server_args.get_attention_backends())
+    view = resolved(server_args)
+    reason = unsupported_reason(view, attention_backends(view))
     if reason:
         raise ValueError(reason)
 
