@@ -20,7 +20,7 @@ from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, ServerArgs, prepar
 from sglang_tokenselect.backend import create_tokenselect_backend  # noqa: E402
 from sglang_tokenselect.config import TokenSelectConfig  # noqa: E402
 from sglang_tokenselect.launch_server import with_default_backend  # noqa: E402
-from sglang_tokenselect.server_args import config_from_namespace, resolved  # noqa: E402
+from sglang_tokenselect.server_args import config_from_namespace, parse_tokenselect_args, resolved  # noqa: E402
 
 
 def test_entry_point_registers_the_backend():
@@ -43,7 +43,7 @@ def test_flags_parse_into_the_config():
                  "--tokenselect-vote", "sum", "--tokenselect-stats-interval", "100")
     assert config_from_namespace(args) == TokenSelectConfig(
         n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum")
-    assert args.tokenselect_stats_interval == 100
+    assert parse_tokenselect_args(args)["tokenselect_stats_interval"] == 100
     assert config_from_namespace(parse()) == TokenSelectConfig()  # defaults: 128 + 2048 + 512, θ 0.9
 
 
@@ -59,15 +59,24 @@ def test_flags_parse_into_the_config():
         ("--tokenselect-cache-threshold", "often", "--tokenselect-cache-threshold must be a number"),
         ("--tokenselect-score-scale", "0", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-score-scale", "big", "--tokenselect-score-scale must be a positive number"),
-        ("--tokenselect-vote", "hard", "invalid choice: 'hard'"),
-        ("--attention-backend", "tokenselectt", "invalid choice: 'tokenselectt'"),
+        ("--tokenselect-vote", "hard", "--tokenselect-vote must be one of soft, sum, got 'hard'"),
+        ("--tokenselect-stats-interval", "-5", "--tokenselect-stats-interval must be >= 0"),
     ],
 )
-def test_bad_values_fail_naming_the_option(flag, value, message, capsys):
+def test_bad_values_fail_in_one_line_naming_the_option(flag, value, message):
+    """Checked before SGLang resolves anything (the model path does not exist), with any backend."""
+    for backend in ("tokenselect", "flashinfer"):
+        with pytest.raises(SystemExit) as exc:
+            server_args("/nonexistent/model", "--attention-backend", backend, f"{flag}={value}")
+        text = str(exc.value.code)
+        assert message in text and text.startswith("error: ") and "\n" not in text
+
+
+def test_unknown_backend_is_refused_by_sglang(capsys):
     with pytest.raises(SystemExit) as exc:
-        parse(flag, value)
+        parse("--attention-backend", "tokenselectt")
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert "invalid choice: 'tokenselectt'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, field", [

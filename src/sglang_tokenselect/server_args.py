@@ -73,38 +73,73 @@ def score_scale_type(option: str) -> Callable[[str], Optional[float]]:
     return parse
 
 
+def vote_type(option: str) -> Callable[[str], str]:
+    """argparse type: one of ``VOTES``; errors name ``option``."""
+    def parse(text: str) -> str:
+        if text not in VOTES:
+            raise argparse.ArgumentTypeError(f"{option} must be one of {', '.join(VOTES)}, got {text!r}")
+        return text
+
+    return parse
+
+
+# Each flag: (attribute, parser of its text, default). SGLang's parser keeps the text; the
+# from_cli_args hook parses it, so a bad value is one line rather than an argparse error after
+# SGLang's 400-line usage.
+FLAGS = {
+    "--tokenselect-n-init": (int_at_least("--tokenselect-n-init", 0), _DEFAULTS.n_init,
+                             "Leading tokens always attended."),
+    "--tokenselect-n-local": (int_at_least("--tokenselect-n-local", 1), _DEFAULTS.n_local,
+                              "Most recent tokens always attended, the current one included."),
+    "--tokenselect-topk": (int_at_least("--tokenselect-topk", 1), _DEFAULTS.topk,
+                           "Critical tokens selected per layer and request."),
+    "--tokenselect-cache-threshold": (
+        cache_threshold_type("--tokenselect-cache-threshold"), _DEFAULTS.cache_threshold,
+        "Selection Cache: reuse the last selection while cos(q, q_cached) >= this, in [-1, 1]; "
+        "1 = select at every step, -1 = select once per request (static)."),
+    "--tokenselect-score-scale": (
+        score_scale_type("--tokenselect-score-scale"), _DEFAULTS.score_scale,
+        "c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
+        "(the layer's attention scale)."),
+    "--tokenselect-vote": (vote_type("--tokenselect-vote"), _DEFAULTS.vote,
+                           "soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation)."),
+    "--tokenselect-stats-interval": (int_at_least("--tokenselect-stats-interval", 0), 0,
+                                     "Log Selection Cache hit/miss counts every N decode steps (0 = never)."),
+}
+
+
+def attribute(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``--tokenselect-*`` flags (defaults: the paper's 128 + 2K + 512, θ = 0.9)."""
     group = parser.add_argument_group("TokenSelect (--attention-backend tokenselect)")
-    group.add_argument("--tokenselect-n-init", type=int_at_least("--tokenselect-n-init", 0),
-                       default=_DEFAULTS.n_init, help="Leading tokens always attended.")
-    group.add_argument("--tokenselect-n-local", type=int_at_least("--tokenselect-n-local", 1),
-                       default=_DEFAULTS.n_local,
-                       help="Most recent tokens always attended, the current one included.")
-    group.add_argument("--tokenselect-topk", type=int_at_least("--tokenselect-topk", 1),
-                       default=_DEFAULTS.topk, help="Critical tokens selected per layer and request.")
-    group.add_argument("--tokenselect-cache-threshold", type=cache_threshold_type("--tokenselect-cache-threshold"),
-                       default=_DEFAULTS.cache_threshold,
-                       help="Selection Cache: reuse the last selection while cos(q, q_cached) >= this, in [-1, 1]; "
-                            "1 = select at every step, -1 = select once per request (static).")
-    group.add_argument("--tokenselect-score-scale", type=score_scale_type("--tokenselect-score-scale"), default=_DEFAULTS.score_scale,
-                       help="c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
-                            "(the layer's attention scale).")
-    group.add_argument("--tokenselect-vote", choices=VOTES, default=_DEFAULTS.vote,
-                       help="soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation).")
-    group.add_argument("--tokenselect-stats-interval", type=int_at_least("--tokenselect-stats-interval", 0),
-                       default=0, help="Log Selection Cache hit/miss counts every N decode steps (0 = never).")
+    for flag, (_, default, help_text) in FLAGS.items():
+        shown = "layer" if default is None else default
+        group.add_argument(flag, default=None, help=f"{help_text} Default: {shown}.")
+
+
+def parse_tokenselect_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Attribute -> value of every ``--tokenselect-*`` flag (its default where not given).
+    Raises argparse.ArgumentTypeError naming the flag of a bad value."""
+    values = {}
+    for flag, (parse, default, _) in FLAGS.items():
+        text = getattr(args, attribute(flag))
+        values[attribute(flag)] = default if text is None else parse(text)
+    return values
 
 
 def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
     """Build (and validate) the config from parsed CLI args."""
+    values = parse_tokenselect_args(args)
     return TokenSelectConfig(
-        n_init=args.tokenselect_n_init,
-        n_local=args.tokenselect_n_local,
-        topk=args.tokenselect_topk,
-        cache_threshold=args.tokenselect_cache_threshold,
-        score_scale=args.tokenselect_score_scale,
-        vote=args.tokenselect_vote,
+        n_init=values["tokenselect_n_init"],
+        n_local=values["tokenselect_n_local"],
+        topk=values["tokenselect_topk"],
+        cache_threshold=values["tokenselect_cache_threshold"],
+        score_scale=values["tokenselect_score_scale"],
+        vote=values["tokenselect_vote"],
     )
 
 
@@ -157,17 +192,22 @@ def after_add_cli_args(result, parser, *args, **kwargs):
 
 
 def around_from_cli_args(original, cls, args, *rest, **kwargs):
-    """Refuse what the command line alone shows tokenselect cannot serve, as one line and
-    before SGLang resolves the model; keep the parsed config on the ServerArgs."""
+    """Refuse bad ``--tokenselect-*`` values, and what the command line alone shows tokenselect
+    cannot serve, as one line and before SGLang resolves the model; keep the parsed config on
+    the ServerArgs."""
+    has_flags = hasattr(args, "tokenselect_topk")
+    try:
+        config = config_from_namespace(args) if has_flags else None
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if BACKEND_NAME in attention_backends(args):
         reason = unsupported_reason(args, attention_backends(args))
         if reason:
             raise SystemExit(f"error: {reason}")
-    config = config_from_namespace(args) if hasattr(args, "tokenselect_topk") else None
     server_args = original(cls, args, *rest, **kwargs)
     if config is not None:
         setattr(server_args, CONFIG_ATTR, config)
-        setattr(server_args, STATS_ATTR, args.tokenselect_stats_interval)
+        setattr(server_args, STATS_ATTR, parse_tokenselect_args(args)["tokenselect_stats_interval"])
     return server_args
 
 
