@@ -29,8 +29,11 @@ def resolve(version: str) -> dict[str, str]:
     """Package -> version of pip's resolution of ``sglang==version`` (nothing installed)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), f"sglang=={version}"], check=True)
+        run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                              "--quiet", "--report", str(report), f"sglang=={version}"],
+                             capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(run.stdout + run.stderr)
         installs = json.loads(report.read_text())["install"]
     return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
 
