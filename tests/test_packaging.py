@@ -7,9 +7,17 @@ import importlib.metadata
 import importlib.util
 
 
+def installed_files() -> list:
+    """The files pip installed. From the repository root a build's ``*.egg-info`` (the source
+    list) is on sys.path too: take the distribution an installer recorded."""
+    for dist in importlib.metadata.distributions(name="sglang-tokenselect"):
+        if dist.read_text("INSTALLER"):
+            return list(dist.files or [])
+    raise AssertionError("sglang-tokenselect is not installed (pip install --no-deps .)")
+
+
 def installed_top_level_names() -> set[str]:
-    files = importlib.metadata.files("sglang-tokenselect") or []
-    return {f.parts[0] for f in files if not f.parts[0].endswith((".dist-info", ".egg-info"))}
+    return {f.parts[0] for f in installed_files() if not f.parts[0].endswith((".dist-info", ".egg-info"))}
 
 
 def test_installed_packages():
@@ -19,8 +27,7 @@ def test_installed_packages():
 
 
 def test_runtime_package_holds_only_what_sglang_loads():
-    files = importlib.metadata.files("sglang-tokenselect") or []
-    runtime = {f.name for f in files if f.parts[0] == "sglang_tokenselect" and f.suffix == ".py"}
+    runtime = {f.name for f in installed_files() if f.parts[0] == "sglang_tokenselect" and f.suffix == ".py"}
     for tool in ("tasks.py", "hf_attention.py", "smollm2.py", "demo.py"):
         assert tool not in runtime
     assert importlib.util.find_spec("sglang_tokenselect.kernels.reference") is not None
