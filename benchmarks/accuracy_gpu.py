@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     (out_dir / "accuracy_servers.log.d").mkdir(parents=True, exist_ok=True)
 
-    from sglang_tokenselect import smollm2
+    from sglang_tokenselect_eval import smollm2
 
     model = Path(args.model_dir)
     if not smollm2.is_converted(model):

@@ -5,7 +5,7 @@
         --tasks passkey,multikey,kv --lengths 2048,4096,6144,8192 --depths 5 \\
         --label tokenselect --out results.json --heatmap results.png
 
-Builds the prompts of ``sglang_tokenselect.tasks`` (lengths counted in the SmolLM2
+Builds the prompts of ``sglang_tokenselect_eval.tasks`` (lengths counted in the SmolLM2
 tokenizer's tokens with its chat template applied, which is what a server running the
 converted SmolLM2 sees), sends each as one user message to ``/v1/chat/completions``
 (temperature 0, ``--max-tokens``) from a thread pool, scores the reply by exact match and
@@ -97,7 +97,7 @@ def chat_completion(
 
 def parse_depths(text: str) -> list[float]:
     """``5`` -> 5 evenly spaced depths in [0, 1]; ``0.1,0.5`` -> those depths."""
-    from sglang_tokenselect.tasks import depth_grid
+    from sglang_tokenselect_eval.tasks import depth_grid
 
     text = str(text).strip()
     if "," in text or "." in text:
@@ -113,7 +113,7 @@ def build_samples(tokenizer, tasks: Sequence[str], lengths: Sequence[int], depth
     """One sample per (task, length, depth, seed). Lengths above ``max_prompt`` are cut to
     it (the server rejects prompt + completion beyond its context); the asked length stays
     in ``sample.extra["asked_length"]`` and labels the cell."""
-    from sglang_tokenselect.tasks import make_sample
+    from sglang_tokenselect_eval.tasks import make_sample
 
     out = []
     for length in lengths:
@@ -271,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from transformers import AutoTokenizer
 
-    from sglang_tokenselect.tasks import TASKS
+    from sglang_tokenselect_eval.tasks import TASKS
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -282,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.tokenizer:
         tok_dir = args.tokenizer
     else:
-        from sglang_tokenselect.smollm2 import ensure_converted
+        from sglang_tokenselect_eval.smollm2 import ensure_converted
 
         tok_dir = str(ensure_converted())
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)

@@ -1,4 +1,9 @@
-"""TokenSelect (arXiv 2411.02886) as an out-of-tree SGLang attention backend."""
+"""TokenSelect (arXiv 2411.02886) as an out-of-tree SGLang attention backend.
+
+This package holds only what SGLang loads; the evaluation tools (task generators, the
+transformers reference path, the bundled SmolLM2, the CPU demo) are in
+``sglang_tokenselect_eval``.
+"""
 
 import importlib.util as _util
 import os as _os

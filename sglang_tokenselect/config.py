@@ -81,13 +81,13 @@ def validate_config(cfg: TokenSelectConfig) -> None:
         raise ValueError(f"--tokenselect-vote must be one of {VOTES}, got {cfg.vote!r}")
 
 
-def parse_score_scale(text: str) -> Optional[float]:
-    """CLI form of ``score_scale``: a positive float, or ``layer``."""
+def parse_score_scale(text: str, option: str = "--tokenselect-score-scale") -> Optional[float]:
+    """CLI form of ``score_scale``: a positive float, or ``layer``; errors name ``option``."""
     if text.strip().lower() == "layer":
         return None
     try:
         return float(text)
     except ValueError:
         raise ValueError(
-            f"--tokenselect-score-scale must be a positive number or 'layer', got {text!r}"
+            f"{option} must be a positive number or 'layer', got {text!r}"
         ) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from sglang_tokenselect.config import VOTES, TokenSelectConfig, parse_score_scale
 
@@ -28,7 +28,8 @@ DEFAULT_MAX_RUNNING_REQUESTS = 256
 _DEFAULTS = TokenSelectConfig()
 
 
-def _int_at_least(option: str, low: int) -> Callable[[str], int]:
+def int_at_least(option: str, low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``; errors name ``option``."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -41,65 +42,104 @@ def _int_at_least(option: str, low: int) -> Callable[[str], int]:
     return parse
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--tokenselect-cache-threshold must be a number in [-1, 1], got {text!r}"
-        ) from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(
-            "--tokenselect-cache-threshold must be in [-1, 1] (1 selects at every step, "
-            f"-1 selects once per request), got {value}"
-        )
-    return value
+def cache_threshold_type(option: str) -> Callable[[str], float]:
+    """argparse type: a Selection Cache threshold in [-1, 1]; errors name ``option``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be a number in [-1, 1], got {text!r}") from None
+        if not -1.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{option} must be in [-1, 1] (1 selects at every step, -1 selects once per request), "
+                f"got {value}"
+            )
+        return value
+
+    return parse
 
 
-def _score_scale(text: str):
-    try:
-        value = parse_score_scale(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value is not None and not value > 0:
-        raise argparse.ArgumentTypeError(
-            f"--tokenselect-score-scale must be a positive number or 'layer', got {text!r}"
-        )
-    return value
+def score_scale_type(option: str) -> Callable[[str], Optional[float]]:
+    """argparse type: a positive number, or ``layer`` (None); errors name ``option``."""
+    def parse(text: str) -> Optional[float]:
+        try:
+            value = parse_score_scale(text, option)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value is not None and not value > 0:
+            raise argparse.ArgumentTypeError(f"{option} must be a positive number or 'layer', got {text!r}")
+        return value
+
+    return parse
+
+
+def vote_type(option: str) -> Callable[[str], str]:
+    """argparse type: one of ``VOTES``; errors name ``option``."""
+    def parse(text: str) -> str:
+        if text not in VOTES:
+            raise argparse.ArgumentTypeError(f"{option} must be one of {', '.join(VOTES)}, got {text!r}")
+        return text
+
+    return parse
+
+
+# Each flag: (attribute, parser of its text, default). SGLang's parser keeps the text; the
+# from_cli_args hook parses it, so a bad value is one line rather than an argparse error after
+# SGLang's 400-line usage.
+FLAGS = {
+    "--tokenselect-n-init": (int_at_least("--tokenselect-n-init", 0), _DEFAULTS.n_init,
+                             "Leading tokens always attended."),
+    "--tokenselect-n-local": (int_at_least("--tokenselect-n-local", 1), _DEFAULTS.n_local,
+                              "Most recent tokens always attended, the current one included."),
+    "--tokenselect-topk": (int_at_least("--tokenselect-topk", 1), _DEFAULTS.topk,
+                           "Critical tokens selected per layer and request."),
+    "--tokenselect-cache-threshold": (
+        cache_threshold_type("--tokenselect-cache-threshold"), _DEFAULTS.cache_threshold,
+        "Selection Cache: reuse the last selection while cos(q, q_cached) >= this, in [-1, 1]; "
+        "1 = select at every step, -1 = select once per request (static)."),
+    "--tokenselect-score-scale": (
+        score_scale_type("--tokenselect-score-scale"), _DEFAULTS.score_scale,
+        "c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
+        "(the layer's attention scale)."),
+    "--tokenselect-vote": (vote_type("--tokenselect-vote"), _DEFAULTS.vote,
+                           "soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation)."),
+    "--tokenselect-stats-interval": (int_at_least("--tokenselect-stats-interval", 0), 0,
+                                     "Log Selection Cache hit/miss counts every N decode steps (0 = never)."),
+}
+
+
+def attribute(flag: str) -> str:
+    return flag[2:].replace("-", "_")
 
 
 def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``--tokenselect-*`` flags (defaults: the paper's 128 + 2K + 512, θ = 0.9)."""
     group = parser.add_argument_group("TokenSelect (--attention-backend tokenselect)")
-    group.add_argument("--tokenselect-n-init", type=_int_at_least("--tokenselect-n-init", 0),
-                       default=_DEFAULTS.n_init, help="Leading tokens always attended.")
-    group.add_argument("--tokenselect-n-local", type=_int_at_least("--tokenselect-n-local", 1),
-                       default=_DEFAULTS.n_local,
-                       help="Most recent tokens always attended, the current one included.")
-    group.add_argument("--tokenselect-topk", type=_int_at_least("--tokenselect-topk", 1),
-                       default=_DEFAULTS.topk, help="Critical tokens selected per layer and request.")
-    group.add_argument("--tokenselect-cache-threshold", type=_threshold,
-                       default=_DEFAULTS.cache_threshold,
-                       help="Selection Cache: reuse the last selection while cos(q, q_cached) >= this, in [-1, 1]; "
-                            "1 = select at every step, -1 = select once per request (static).")
-    group.add_argument("--tokenselect-score-scale", type=_score_scale, default=_DEFAULTS.score_scale,
-                       help="c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
-                            "(the layer's attention scale).")
-    group.add_argument("--tokenselect-vote", choices=VOTES, default=_DEFAULTS.vote,
-                       help="soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation).")
-    group.add_argument("--tokenselect-stats-interval", type=_int_at_least("--tokenselect-stats-interval", 0),
-                       default=0, help="Log Selection Cache hit/miss counts every N decode steps (0 = never).")
+    for flag, (_, default, help_text) in FLAGS.items():
+        shown = "layer" if default is None else default
+        group.add_argument(flag, default=None, help=f"{help_text} Default: {shown}.")
+
+
+def parse_tokenselect_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Attribute -> value of every ``--tokenselect-*`` flag (its default where not given).
+    Raises argparse.ArgumentTypeError naming the flag of a bad value."""
+    values = {}
+    for flag, (parse, default, _) in FLAGS.items():
+        text = getattr(args, attribute(flag))
+        values[attribute(flag)] = default if text is None else parse(text)
+    return values
 
 
 def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
     """Build (and validate) the config from parsed CLI args."""
+    values = parse_tokenselect_args(args)
     return TokenSelectConfig(
-        n_init=args.tokenselect_n_init,
-        n_local=args.tokenselect_n_local,
-        topk=args.tokenselect_topk,
-        cache_threshold=args.tokenselect_cache_threshold,
-        score_scale=args.tokenselect_score_scale,
-        vote=args.tokenselect_vote,
+        n_init=values["tokenselect_n_init"],
+        n_local=values["tokenselect_n_local"],
+        topk=values["tokenselect_topk"],
+        cache_threshold=values["tokenselect_cache_threshold"],
+        score_scale=values["tokenselect_score_scale"],
+        vote=values["tokenselect_vote"],
     )
 
 
@@ -112,8 +152,36 @@ def stats_interval_from_server_args(server_args: Any) -> int:
     return int(getattr(server_args, STATS_ATTR, 0) or 0)
 
 
+def attention_backends(args: Any) -> tuple:
+    """(prefill, decode) backends of a parsed command line, a ServerArgs or a resolved view;
+    the split fields fall back to ``attention_backend`` (None where SGLang picks one)."""
+    backend = getattr(args, "attention_backend", None)
+    return (getattr(args, "prefill_attention_backend", None) or backend,
+            getattr(args, "decode_attention_backend", None) or backend)
+
+
+def resolved(server_args: Any) -> Any:
+    """``server_args`` as SGLang resolved it: its resolution's declarations over the inputs
+    (SGLang 0.5.17 declares some of them, 0.5.23 all)."""
+    from sglang.srt.arg_groups.overrides import resolved_view
+
+    return resolved_view(server_args)
+
+
+def set_resolved(server_args: Any, **fields: Any) -> None:
+    """Decide resolved values: a declaration where SGLang resolves through declarations
+    (0.5.23), else a plain write while ``__post_init__`` resolves (0.5.17)."""
+    try:
+        from sglang.srt.arg_groups.overrides import declare_resolution
+    except ImportError:
+        for name, value in fields.items():
+            setattr(server_args, name, value)
+        return
+    declare_resolution(server_args, "tokenselect", **fields)
+
+
 def uses_tokenselect(server_args: Any) -> bool:
-    return BACKEND_NAME in server_args.get_attention_backends()
+    return BACKEND_NAME in attention_backends(resolved(server_args))
 
 
 # --- hooks (registered by sglang_tokenselect.plugin) -------------------------------------
@@ -124,25 +192,36 @@ def after_add_cli_args(result, parser, *args, **kwargs):
 
 
 def around_from_cli_args(original, cls, args, *rest, **kwargs):
-    config = config_from_namespace(args) if hasattr(args, "tokenselect_topk") else None
+    """Refuse bad ``--tokenselect-*`` values, and what the command line alone shows tokenselect
+    cannot serve, as one line and before SGLang resolves the model; keep the parsed config on
+    the ServerArgs."""
+    has_flags = hasattr(args, "tokenselect_topk")
+    try:
+        config = config_from_namespace(args) if has_flags else None
+    except argparse.ArgumentTypeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if BACKEND_NAME in attention_backends(args):
+        reason = unsupported_reason(args, attention_backends(args))
+        if reason:
+            raise SystemExit(f"error: {reason}")
     server_args = original(cls, args, *rest, **kwargs)
     if config is not None:
         setattr(server_args, CONFIG_ATTR, config)
-        setattr(server_args, STATS_ATTR, args.tokenselect_stats_interval)
+        setattr(server_args, STATS_ATTR, parse_tokenselect_args(args)["tokenselect_stats_interval"])
     return server_args
 
 
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
-    """tokenselect's defaults, set where SGLang resolves other backends' (args still
-    writable): a bounded request pool for the Selection Cache, the stats directory and, with
-    --enable-metrics, the scheduler metrics collector."""
-    if BACKEND_NAME not in server_args._resolved_attention_backends():
+    """tokenselect's defaults, set where SGLang resolves other backends': a bounded request
+    pool for the Selection Cache, the stats directory and, with --enable-metrics, the
+    scheduler metrics collector (sglang_tokenselect.server.wiring)."""
+    if not uses_tokenselect(server_args):
         return result
     from sglang_tokenselect.server import wiring
 
-    wiring.configure(server_args)  # stats directory; the metrics collector with --enable-metrics
-    if server_args.max_running_requests is None:
-        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+    wiring.configure(server_args)
+    if resolved(server_args).max_running_requests is None:
+        set_resolved(server_args, max_running_requests=DEFAULT_MAX_RUNNING_REQUESTS)
         logger.info(
             "TokenSelect: --max-running-requests defaults to %d (the Selection Cache keeps state "
             "per request slot); pass it explicitly to change.", DEFAULT_MAX_RUNNING_REQUESTS,
@@ -150,7 +229,7 @@ def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
     return result
 
 
-def after_post_init(result, server_args, *args, **kwargs):
+def after_resolution(result, server_args, *args, **kwargs):
     """Refuse unsupported combinations once the args are resolved."""
     if uses_tokenselect(server_args):
         check_server_args_supported(server_args)
@@ -158,41 +237,41 @@ def after_post_init(result, server_args, *args, **kwargs):
 
 
 def check_server_args_supported(server_args: Any) -> None:
-    """Raise ValueError naming the option for what tokenselect cannot serve."""
-    prefill, decode = server_args.get_attention_backends()
+    """Raise ValueError naming the option for what tokenselect cannot serve (resolved args)."""
+    view = resolved(server_args)
+    reason = unsupported_reason(view, attention_backends(view))
+    if reason:
+        raise ValueError(reason)
+
+
+def unsupported_reason(args: Any, backends: tuple) -> Optional[str]:
+    """Why tokenselect cannot serve ``args`` (a ServerArgs or the parsed command line), naming
+    the option; None when it can. ``backends`` is (prefill, decode)."""
+    prefill, decode = backends
     if prefill != decode:
-        raise ValueError(
-            "--attention-backend tokenselect must serve both prefill and decode; got "
-            f"--prefill-attention-backend {prefill} and --decode-attention-backend {decode}."
-        )
-    if server_args.page_size not in (None, 1):
-        raise ValueError(f"--attention-backend tokenselect needs --page-size 1, got {server_args.page_size}.")
-    if server_args.speculative_algorithm is not None:
-        raise ValueError(
-            "--attention-backend tokenselect does not support speculative decoding "
-            f"(--speculative-algorithm {server_args.speculative_algorithm})."
-        )
-    if server_args.enable_mixed_chunk:
-        raise ValueError(
-            "--attention-backend tokenselect does not support --enable-mixed-chunk "
-            "(mixed batches send decode tokens through the dense extend path)."
-        )
-    if server_args.kv_cache_dtype not in ("auto", None) and not str(server_args.kv_cache_dtype).startswith(
+        return ("--attention-backend tokenselect must serve both prefill and decode; got "
+                f"--prefill-attention-backend {prefill or 'auto'} and --decode-attention-backend {decode or 'auto'}.")
+    if args.page_size not in (None, 1):
+        return f"--attention-backend tokenselect needs --page-size 1, got {args.page_size}."
+    if args.speculative_algorithm is not None:
+        return ("--attention-backend tokenselect does not support speculative decoding "
+                f"(--speculative-algorithm {args.speculative_algorithm}).")
+    if args.enable_mixed_chunk:
+        return ("--attention-backend tokenselect does not support --enable-mixed-chunk "
+                "(mixed batches send decode tokens through the dense extend path).")
+    if args.kv_cache_dtype not in ("auto", None) and not str(args.kv_cache_dtype).startswith(
         ("bf16", "bfloat16", "fp16", "float16")
     ):
-        raise ValueError(
-            "--attention-backend tokenselect does not support a quantized KV cache "
-            f"(--kv-cache-dtype {server_args.kv_cache_dtype})."
-        )
-    if getattr(server_args, "enable_dp_attention", False):
-        raise ValueError("--attention-backend tokenselect does not support --enable-dp-attention.")
+        return ("--attention-backend tokenselect does not support a quantized KV cache "
+                f"(--kv-cache-dtype {args.kv_cache_dtype}).")
+    if getattr(args, "enable_dp_attention", False):
+        return "--attention-backend tokenselect does not support --enable-dp-attention."
     # In these modes a pool row can change owner without an extend, which is where the
     # Selection Cache forgets a row's selections: a new request would reuse its predecessor's.
-    if getattr(server_args, "disaggregation_mode", "null") == "decode":
-        raise ValueError(
-            "--attention-backend tokenselect does not support --disaggregation-mode decode "
-            "(requests start decoding without an extend on this server)."
-        )
+    if getattr(args, "disaggregation_mode", "null") == "decode":
+        return ("--attention-backend tokenselect does not support --disaggregation-mode decode "
+                "(requests start decoding without an extend on this server).")
     for flag in ("enable_two_batch_overlap", "enable_pdmux"):
-        if getattr(server_args, flag, False):
-            raise ValueError(f"--attention-backend tokenselect does not support --{flag.replace('_', '-')}.")
+        if getattr(args, flag, False):
+            return f"--attention-backend tokenselect does not support --{flag.replace('_', '-')}."
+    return None

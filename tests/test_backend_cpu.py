@@ -22,6 +22,8 @@ from ts_fixtures import (
     write_prefix_kv,
 )
 
+pytestmark = pytest.mark.sglang_contract
+
 SMALL = dict(n_init=2, n_local=4, topk=8)  # budget 14 tokens
 
 

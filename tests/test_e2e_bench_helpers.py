@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,17 @@ import e2e_bench as eb  # noqa: E402
 import plot_e2e  # noqa: E402
 
 THIS_FILE = os.path.abspath(__file__)
+
+
+def free_port() -> int:
+    """A port the OS reports free right now (bound to port 0, then released).
+
+    Fixed ports collide with whatever else runs on the machine (another test run, an
+    outgoing connection's ephemeral port); the OS hands out one nobody holds.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------
@@ -830,7 +842,7 @@ def test_client_generate_stream_chat(fake_server, use_requests):
 
 
 def test_client_errors_are_recorded():
-    port = eb.pick_port("127.0.0.1", 39123)
+    port = free_port()
     c = eb.HttpClient(f"http://127.0.0.1:{port}")
     r = eb.generate_once(c, [1, 2, 3], 4, timeout=2)
     assert r["ok"] is False and "error" in r
@@ -874,7 +886,7 @@ def test_wait_ready_server_exits(tmp_path):
     srv = eb.ServerProcess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
                            str(tmp_path / "s.log"))
     srv.start()
-    port = eb.pick_port("127.0.0.1", 39200)
+    port = free_port()
     r = eb.wait_ready(eb.HttpClient(f"http://127.0.0.1:{port}"), srv, eb.Budget(20))
     assert not r["ready"] and "exited with code 3" in r["error"]
     srv.stop()
@@ -910,7 +922,7 @@ def test_server_process_kills_group(tmp_path):
 def test_main_end_to_end_with_fake_servers(tmp_path, model_dir):
     out = tmp_path / "out"
     res_json = tmp_path / "results" / "e2e_fake.json"
-    port = eb.pick_port("127.0.0.1", 39300)
+    port = free_port()
     template = f"{{python}} {THIS_FILE} --fake-server --host {{host}} --port {{port}} --backend {{backend}}"
     argv = [
         "--out-dir", str(out), "--model-dir", model_dir, "--port", str(port),
@@ -968,7 +980,7 @@ def test_main_end_to_end_with_fake_servers(tmp_path, model_dir):
 
 def test_main_single_backend_urllib_subset(tmp_path, model_dir):
     out = tmp_path / "out1"
-    port = eb.pick_port("127.0.0.1", 39400)
+    port = free_port()
     template = f"{{python}} {THIS_FILE} --fake-server --host {{host}} --port {{port}} --backend {{backend}}"
     rc = eb.main([
         "--out-dir", str(out), "--model-dir", model_dir, "--port", str(port), "--backends", "tokenselect",
@@ -1006,9 +1018,9 @@ def test_main_split_runs_compare_with(tmp_path, model_dir):
               "--time-budget", "120", "--server-cmd", template, "--stop-grace", "2"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     assert eb.main(["--out-dir", str(out_a), "--backends", "flashinfer",
-                    "--port", str(eb.pick_port("127.0.0.1", 39500))] + common) == 0
+                    "--port", str(free_port())] + common) == 0
     assert eb.main(["--out-dir", str(out_b), "--backends", "tokenselect@t1,tokenselect@t-1",
-                    "--port", str(eb.pick_port("127.0.0.1", 39600)),
+                    "--port", str(free_port()),
                     "--compare-with", str(out_a / "e2e.json")] + common) == 0
     with open(out_b / "e2e.json") as f:
         r = json.load(f)

@@ -20,11 +20,13 @@ import pytest
 import torch
 
 from sglang_tokenselect import TokenSelectConfig
-from sglang_tokenselect.hf_attention import (
+from sglang_tokenselect_eval.hf_attention import (
     ATTN_IMPLEMENTATION,
     TokenSelectSession,
     attach_session,
+    decode,
     generate,
+    prefill,
     register,
     tokenselect_attention_forward,
 )
@@ -234,21 +236,21 @@ def test_attach_requires_tokenselect_model(seed):
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from sglang_tokenselect.smollm2 import ensure_converted
+    from sglang_tokenselect_eval.smollm2 import ensure_converted
 
     return ensure_converted()
 
 
 @pytest.fixture(scope="module")
 def smollm2(model_dir):
-    from sglang_tokenselect.smollm2 import load_model, load_tokenizer
+    from sglang_tokenselect_eval.smollm2 import load_model, load_tokenizer
 
     torch.manual_seed(0)
     return load_model(model_dir, attn_implementation=ATTN_IMPLEMENTATION), load_tokenizer(model_dir)
 
 
 def test_converted_folder(model_dir):
-    from sglang_tokenselect import smollm2
+    from sglang_tokenselect_eval import smollm2
 
     cfg = json.loads((model_dir / "config.json").read_text())
     assert "quantization_config" not in cfg
@@ -264,6 +266,23 @@ def test_converted_folder(model_dir):
     assert smollm2.ensure_converted(model_dir) == model_dir  # cached: no second conversion
     assert time.perf_counter() - t0 < 5
     assert (model_dir / smollm2.MARKER).stat().st_mtime_ns == stamp
+
+
+def test_generate_matches_transformers_greedy_generate(smollm2):
+    """prefill + decode is greedy decoding: the same text as transformers' generate, densely
+    without a session and with a session whose budget covers the context."""
+    model, tok = smollm2
+    messages = [{"role": "user", "content": f"Count from {random.randrange(100)} to 20, please."}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    attach_session(model, None)
+    with torch.inference_mode():
+        ref = model.generate(**enc, max_new_tokens=10, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tok.pad_token_id)
+    want = tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert generate(model, tok, messages, max_new_tokens=10) == want
+    covering = TokenSelectSession(TokenSelectConfig(n_init=4, n_local=8, topk=4096))
+    assert generate(model, tok, messages, session=covering, max_new_tokens=10) == want
+    assert covering.totals().dense_steps > 0 and covering.totals().sparse_steps == 0
 
 
 def _pass_key(text: str):
@@ -286,7 +305,7 @@ def test_smollm2_passkey_tokenselect_answers_like_dense(smollm2):
     prompt in 20 in our runs, TokenSelect then repeating the same wrong number), so dense
     must be right on a majority (3 of 5) of the prompts rather than on all of them.
     """
-    from sglang_tokenselect.tasks import make_passkey
+    from sglang_tokenselect_eval.tasks import make_passkey
 
     model, tok = smollm2
     seed = PASSKEY_PROMPT_SEED
@@ -299,9 +318,10 @@ def test_smollm2_passkey_tokenselect_answers_like_dense(smollm2):
         depth = rng.uniform(lo, lo + 0.18)
         sample = make_passkey(tok, 2048, depth, rng.randrange(10**6))
         ctx = f"seed={seed} depth={depth:.3f} key={sample.expected}"
-        dense = generate(model, tok, sample.messages, max_new_tokens=12)
+        prompt = prefill(model, tok, sample.messages)  # dense, shared: TokenSelect selects at decode
+        dense = decode(model, tok, prompt, max_new_tokens=12)
         session = TokenSelectSession(cfg)
-        sparse = generate(model, tok, sample.messages, session=session, max_new_tokens=12)
+        sparse = decode(model, tok, prompt, session=session, max_new_tokens=12)
         report.append(f"{ctx}: dense {dense!r}, tokenselect {sparse!r}")
         assert _pass_key(sparse) == _pass_key(dense), f"{ctx}: {sparse!r} vs dense {dense!r}"
         dense_right += sample.score(dense)

@@ -12,13 +12,15 @@ from sglang.srt.plugins import load_plugins
 
 load_plugins()  # the installed entry point, as SGLang's launcher does
 
+pytestmark = pytest.mark.sglang_contract
+
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS  # noqa: E402
 from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, ServerArgs, prepare_server_args  # noqa: E402
 
 from sglang_tokenselect.backend import create_tokenselect_backend  # noqa: E402
 from sglang_tokenselect.config import TokenSelectConfig  # noqa: E402
 from sglang_tokenselect.launch_server import with_default_backend  # noqa: E402
-from sglang_tokenselect.server_args import config_from_namespace  # noqa: E402
+from sglang_tokenselect.server_args import config_from_namespace, parse_tokenselect_args, resolved  # noqa: E402
 
 
 def test_entry_point_registers_the_backend():
@@ -41,7 +43,7 @@ def test_flags_parse_into_the_config():
                  "--tokenselect-vote", "sum", "--tokenselect-stats-interval", "100")
     assert config_from_namespace(args) == TokenSelectConfig(
         n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum")
-    assert args.tokenselect_stats_interval == 100
+    assert parse_tokenselect_args(args)["tokenselect_stats_interval"] == 100
     assert config_from_namespace(parse()) == TokenSelectConfig()  # defaults: 128 + 2048 + 512, θ 0.9
 
 
@@ -57,15 +59,24 @@ def test_flags_parse_into_the_config():
         ("--tokenselect-cache-threshold", "often", "--tokenselect-cache-threshold must be a number"),
         ("--tokenselect-score-scale", "0", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-score-scale", "big", "--tokenselect-score-scale must be a positive number"),
-        ("--tokenselect-vote", "hard", "invalid choice: 'hard'"),
-        ("--attention-backend", "tokenselectt", "invalid choice: 'tokenselectt'"),
+        ("--tokenselect-vote", "hard", "--tokenselect-vote must be one of soft, sum, got 'hard'"),
+        ("--tokenselect-stats-interval", "-5", "--tokenselect-stats-interval must be >= 0"),
     ],
 )
-def test_bad_values_fail_naming_the_option(flag, value, message, capsys):
+def test_bad_values_fail_in_one_line_naming_the_option(flag, value, message):
+    """Checked before SGLang resolves anything (the model path does not exist), with any backend."""
+    for backend in ("tokenselect", "flashinfer"):
+        with pytest.raises(SystemExit) as exc:
+            server_args("/nonexistent/model", "--attention-backend", backend, f"{flag}={value}")
+        text = str(exc.value.code)
+        assert message in text and text.startswith("error: ") and "\n" not in text
+
+
+def test_unknown_backend_is_refused_by_sglang(capsys):
     with pytest.raises(SystemExit) as exc:
-        parse(flag, value)
+        parse("--attention-backend", "tokenselectt")
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert "invalid choice: 'tokenselectt'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -97,19 +108,32 @@ def server_args(model: str, *argv: str) -> ServerArgs:
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *argv])
 
 
+def resolve(sa: ServerArgs):
+    """The resolved arguments: SGLang 0.5.17 resolves while building ServerArgs, 0.5.23 when
+    its launcher calls ``resolve_once``."""
+    if hasattr(sa, "resolve_once"):
+        sa.resolve_once()
+    return resolved(sa)
+
+
+def decode_graph_batches(view):
+    cfg = view.cuda_graph_config  # None on a CPU with SGLang 0.5.23
+    return None if cfg is None else (cfg.decode.max_bs, cfg.decode.bs)
+
+
 def test_resolution_attaches_config_and_keeps_decode_graph_batches(tiny_model):
-    plain = server_args(tiny_model, "--attention-backend", "flashinfer", "--max-running-requests", "256")
+    plain = resolve(server_args(tiny_model, "--attention-backend", "flashinfer", "--max-running-requests", "256"))
     sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-topk", "96",
                      "--tokenselect-stats-interval", "8")
     assert sa._tokenselect_config == TokenSelectConfig(topk=96)
     assert sa._tokenselect_stats_interval == 8
+    view = resolve(sa)
     # the selection scratch does not grow with the captured batch: SGLang's own choice stands
-    assert sa.cuda_graph_config.decode.max_bs == plain.cuda_graph_config.decode.max_bs
-    assert sa.cuda_graph_config.decode.bs == plain.cuda_graph_config.decode.bs
-    assert sa.max_running_requests == 256
-    assert sa.page_size in (None, 1)
+    assert decode_graph_batches(view) == decode_graph_batches(plain)
+    assert view.max_running_requests == 256
+    assert view.page_size in (None, 1)
     explicit = server_args(tiny_model, "--attention-backend", "tokenselect", "--max-running-requests", "7")
-    assert explicit.max_running_requests == 7
+    assert resolve(explicit).max_running_requests == 7
     import pickle  # SGLang hands ServerArgs to its scheduler processes
 
     assert pickle.loads(pickle.dumps(sa))._tokenselect_config == TokenSelectConfig(topk=96)
@@ -117,20 +141,47 @@ def test_resolution_attaches_config_and_keeps_decode_graph_batches(tiny_model):
 
 def test_other_backends_are_left_alone(tiny_model):
     sa = server_args(tiny_model, "--attention-backend", "triton")
-    assert sa.max_running_requests is None
+    assert resolve(sa).max_running_requests is None
     assert not hasattr(sa, "_tokenselect_config") or sa._tokenselect_config == TokenSelectConfig()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("--page-size", "16"), "--page-size 1"),
+UNSUPPORTED_ON_THE_COMMAND_LINE = [
+    (("--page-size", "16"), "needs --page-size 1, got 16"),
     (("--enable-mixed-chunk",), "--enable-mixed-chunk"),
-    (("--prefill-attention-backend", "torch_native"), "--prefill-attention-backend"),
+    (("--prefill-attention-backend", "torch_native"), "--prefill-attention-backend torch_native"),
     (("--enable-two-batch-overlap",), "--enable-two-batch-overlap"),
     (("--enable-pdmux",), "--enable-pdmux"),
+    (("--kv-cache-dtype", "fp8_e4m3"), "--kv-cache-dtype fp8_e4m3"),
+    (("--speculative-algorithm", "EAGLE"), "--speculative-algorithm EAGLE"),
+]
+
+
+@pytest.mark.parametrize("argv, message", UNSUPPORTED_ON_THE_COMMAND_LINE)
+def test_unsupported_options_are_refused_on_the_command_line_in_one_line(argv, message):
+    """Refused from the arguments alone, before SGLang resolves (or downloads) the model:
+    the model path does not even exist."""
+    with pytest.raises(SystemExit) as exc:
+        server_args("/nonexistent/model", "--attention-backend", "tokenselect", *argv)
+    text = str(exc.value.code)
+    assert message in text and text.startswith("error: ") and "\n" not in text
+
+
+def test_supported_options_pass_the_command_line_check(tiny_model):
+    sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--page-size", "1",
+                     "--kv-cache-dtype", "bf16")
+    assert sa.page_size == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("page_size", 16, "--page-size 1"),
+    ("enable_mixed_chunk", True, "--enable-mixed-chunk"),
+    ("enable_pdmux", True, "--enable-pdmux"),
 ])
-def test_unsupported_server_options_are_refused_by_name(tiny_model, argv, message):
+def test_server_args_built_in_python_are_checked_once_resolved(tiny_model, field, value, message):
+    """ServerArgs built without the command line (SGLang's Engine API) meet the same rules."""
     with pytest.raises(ValueError, match=message):
-        server_args(tiny_model, "--attention-backend", "tokenselect", *argv)
+        resolve(ServerArgs(model_path=tiny_model, device="cpu", skip_tokenizer_init=True,
+                           attention_backend="tokenselect", **{field: value}))
 
 
 def test_decode_only_disaggregation_is_refused_by_name():
@@ -141,7 +192,8 @@ def test_decode_only_disaggregation_is_refused_by_name():
 
     from sglang_tokenselect.server_args import check_server_args_supported
 
-    args = SimpleNamespace(get_attention_backends=lambda: ("tokenselect", "tokenselect"), page_size=1,
+    args = SimpleNamespace(attention_backend="tokenselect", prefill_attention_backend=None,
+                           decode_attention_backend=None, _resolved_overrides=[], page_size=1,
                            speculative_algorithm=None, enable_mixed_chunk=False, kv_cache_dtype="auto",
                            enable_dp_attention=False, disaggregation_mode="decode")
     with pytest.raises(ValueError, match="--disaggregation-mode decode"):

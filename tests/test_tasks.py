@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from sglang_tokenselect import tasks as T
+from sglang_tokenselect_eval import tasks as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    from sglang_tokenselect.smollm2 import ensure_converted
+    from sglang_tokenselect_eval.smollm2 import ensure_converted
 
     return ensure_converted()
 

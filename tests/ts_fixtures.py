@@ -66,11 +66,14 @@ class Run:
 def build(case: DenseAttentionCase, seed: int, device: str = "cpu", **kwargs) -> Run:
     """Build a kit fixture, then redraw its hidden states and KV from ``seed``."""
     kwargs.setdefault("head_dim", HEAD_DIM)
-    fixture = build_dense_attention_fixture(
-        _TestCaseShim(), case, hidden_size=HIDDEN, max_context_len=MAX_CTX,
-        dtype=DTYPE, device=device, **kwargs,
-    )
-    redraw_inputs(fixture, seed)
+    # no_grad: newer SGLang releases (0.5.23) write K/V projected with grad in place into the
+    # pool, which autograd refuses on CPU.
+    with torch.no_grad():
+        fixture = build_dense_attention_fixture(
+            _TestCaseShim(), case, hidden_size=HIDDEN, max_context_len=MAX_CTX,
+            dtype=DTYPE, device=device, **kwargs,
+        )
+        redraw_inputs(fixture, seed)
     return Run(fixture, seed)
 
 
@@ -83,6 +86,7 @@ def redraw_inputs(fixture, seed: int) -> None:
     write_prefix_kv(fixture, fixture.forward_batch, fixture.prefix_hidden)
 
 
+@torch.no_grad()
 def write_prefix_kv(fixture, batch, prefix_hidden) -> None:
     module, pool = fixture.actual_module, fixture.runner.token_to_kv_pool
     req_to_token = fixture.runner.req_to_token_pool.req_to_token

@@ -162,10 +162,15 @@ def convert(gguf: Path, out: Path) -> None:
 
 
 def ensure_converted(path: Optional[os.PathLike] = None, *, force: bool = False) -> Path:
-    """Return the converted model folder, converting the bundled GGUF first if needed."""
+    """Return the converted model folder, converting the bundled GGUF first if needed.
+
+    Only a missing folder, or one an earlier conversion wrote (it has the marker file), is
+    (re)written: any other existing folder is refused, never replaced.
+    """
     out = Path(path).expanduser() if path is not None else cache_dir()
     if not force and is_converted(out):
         return out
+    refuse_foreign_folder(out)
     gguf = find_gguf()
     with _file_lock(out.parent / (out.name + ".lock")):
         if not force and is_converted(out, gguf):
@@ -185,10 +190,26 @@ def ensure_converted(path: Optional[os.PathLike] = None, *, force: bool = False)
     return out
 
 
+def refuse_foreign_folder(out: Path) -> None:
+    """Raise FileExistsError when ``out`` holds files that no conversion of ours wrote."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(f"{out} exists and was not written by this converter; not replacing it")
+
+
+def model_folder(path: Optional[os.PathLike] = None) -> Path:
+    """``path`` as given (any Hugging Face model folder), or the converted SmolLM2 by default."""
+    return ensure_converted() if path is None else Path(path).expanduser()
+
+
+def context_length(folder: os.PathLike) -> int:
+    """The model's context (``max_position_embeddings`` of its config.json)."""
+    return int(json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"])
+
+
 def load_tokenizer(path: Optional[os.PathLike] = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(ensure_converted(path)))
+    return AutoTokenizer.from_pretrained(str(model_folder(path)))
 
 
 def load_model(
@@ -197,16 +218,16 @@ def load_model(
     dtype=None,
     attn_implementation: str = "sdpa",
 ):
-    """Load the converted model for CPU inference (float32 by default: faster than bf16 on CPU)."""
+    """Load the model for CPU inference (float32 by default: faster than bf16 on CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if attn_implementation == "tokenselect":
-        from sglang_tokenselect.hf_attention import register
+        from sglang_tokenselect_eval.hf_attention import register
 
         register()
     model = AutoModelForCausalLM.from_pretrained(
-        str(ensure_converted(path)),
+        str(model_folder(path)),
         dtype=dtype if dtype is not None else torch.float32,
         attn_implementation=attn_implementation,
     )

@@ -11,18 +11,15 @@ matching mask builder, SDPA's, to ``AttentionMaskInterface``); load a model with
     session.summary()  # attended fraction, Selection Cache hit rate, per layer
 
 Prefill (``q_len > 1``) and layers without a session run transformers' own SDPA
-attention. Single-token decode runs the selection of ``kernels/reference.py``
-(``vote_scores_reference`` -> ``topk_positions_reference`` -> ``selection_positions``)
-and attends the selected positions with ``paged_decode_attention_reference``; the layer's
-KV cache is viewed as a one-request paged cache with identity slot mapping.
-
-Selection Cache (per layer and per request): the query of the last *computed* selection
-(all heads flattened) and its top-k positions. The next decode step reuses that top-k
-when ``selection_cache_hits_reference`` says so (``cos >= cache_threshold``; a threshold
-of 1.0 never reuses), attending ``[0, n_init) + cached top-k + the current local
-window``; otherwise it recomputes and refreshes the cache. A hit does not refresh the
-cached query, so a slowly drifting query eventually misses. A prefill of a layer drops
-that layer's cache (a new sequence).
+attention. Single-token decode runs the runtime's own selection step: the layer's KV cache
+is viewed as a paged cache with one pool row per request (slot = ``b * L + position``; padded
+positions are skipped), ``selection.Selector`` with ``TorchSelectionOps`` writes the attended
+slots, and ``paged_decode_attention_reference`` attends them. The Selection Cache is the
+runtime's ``SelectionCache`` (one per layer, a row per request), so its rules are the
+server's: a valid cached selection is reused while ``cos(q, cached q) >= cache_threshold``
+(1.0 never reuses, -1 always does); a hit does not refresh the cached query, so a slowly
+drifting query eventually misses. A prefill of a layer forgets that layer's cache (a new
+sequence).
 
 Positions are logical positions within each request: with left padding (batched
 ``generate`` with an attention mask), padded slots are removed before selecting, so
@@ -32,6 +29,7 @@ Positions are logical positions within each request: with left padding (batched
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -41,13 +39,11 @@ import torch
 
 from sglang_tokenselect.config import TokenSelectConfig
 from sglang_tokenselect.kernels.reference import (
-    is_sparse,
+    COUNTERS,
+    kv_indptr_reference,
     paged_decode_attention_reference,
-    selection_cache_hits_reference,
-    selection_positions,
-    topk_positions_reference,
-    vote_scores_reference,
 )
+from sglang_tokenselect.selection import SelectionCache, Selector, TorchSelectionOps
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +73,30 @@ class LayerStats:
 
 
 @dataclass
-class _LayerCache:
-    q: torch.Tensor  # [B, H_q * D] float32, query of the last computed selection
-    topk: torch.Tensor  # [B, topk] int64 logical positions
-    valid: torch.Tensor  # [B] bool
+class PagedView:
+    """A batch's decode keys and values laid out as SGLang's paged KV cache (one row per request)."""
+
+    k_buffer: torch.Tensor  # [B * L, H_kv, D]
+    v_buffer: torch.Tensor  # [B * L, H_kv, Dv]
+    req_to_token: torch.Tensor  # [B, L] int32: logical position -> slot
+    seq_lens: torch.Tensor  # [B] int64: real (unpadded) tokens per request
+
+    @classmethod
+    def of(cls, key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> "PagedView":
+        """key/value [B, H_kv, L, D] (transformers' layout); padded positions are left out."""
+        bsz, _, length, _ = key.shape
+        req_to_token = torch.zeros(bsz, length, dtype=torch.int32, device=key.device)
+        seq_lens = torch.empty(bsz, dtype=torch.long, device=key.device)
+        for b in range(bsz):
+            slots = b * length + _valid_positions(attention_mask, b, length, key.device)
+            req_to_token[b, : slots.numel()] = slots.to(torch.int32)
+            seq_lens[b] = slots.numel()
+        return cls(
+            k_buffer=key.transpose(1, 2).reshape(bsz * length, key.shape[1], key.shape[3]),
+            v_buffer=value.transpose(1, 2).reshape(bsz * length, value.shape[1], value.shape[3]),
+            req_to_token=req_to_token,
+            seq_lens=seq_lens,
+        )
 
 
 class TokenSelectSession:
@@ -94,11 +110,12 @@ class TokenSelectSession:
         self.config = config
         self.enabled = enabled
         self.layers: dict[int, LayerStats] = {}
-        self._cache: dict[int, _LayerCache] = {}
+        self._selectors: dict[int, Selector] = {}
+        self._ops = TorchSelectionOps()
 
     def reset(self) -> None:
         self.layers.clear()
-        self._cache.clear()
+        self._selectors.clear()
 
     # ------------------------------------------------------------------ statistics
     def totals(self) -> LayerStats:
@@ -126,58 +143,19 @@ class TokenSelectSession:
 
     # ------------------------------------------------------------------ attention
     def forget_layer(self, layer: int) -> None:
-        self._cache.pop(layer, None)
+        self._selectors.pop(layer, None)
 
-    def _layer_cache(self, layer: int, batch: int, width: int, device) -> _LayerCache:
-        c = self._cache.get(layer)
-        if c is None or c.q.shape != (batch, width) or c.q.device != torch.device(device):
-            c = _LayerCache(
-                q=torch.zeros(batch, width, dtype=torch.float32, device=device),
-                topk=torch.full((batch, self.config.topk), -1, dtype=torch.long, device=device),
-                valid=torch.zeros(batch, dtype=torch.bool, device=device),
-            )
-            self._cache[layer] = c
-        return c
-
-    def _select(self, cache: _LayerCache, b: int, q: torch.Tensor, keys: torch.Tensor,
-                scale: float, stats: LayerStats) -> torch.Tensor:
-        """Logical positions attended by request ``b`` (q [H_q, D], keys [n, H_kv, D])."""
-        cfg = self.config
-        n = keys.shape[0]
-        seq = torch.tensor([n], device=keys.device)
-        if not bool(is_sparse(seq, cfg.n_init, cfg.n_local, cfg.topk)[0]):
-            stats.dense_steps += 1
-            return torch.arange(n, device=keys.device)
-        stats.sparse_steps += 1
-        q_flat = q.reshape(1, -1).float()
-        hit = bool(
-            selection_cache_hits_reference(
-                q_flat, cache.q[b : b + 1], cache.valid[b : b + 1], cfg.cache_threshold
-            )[0]
-        )
-        if hit:
-            stats.hits += 1
-            topk = cache.topk[b]
-        else:
-            stats.misses += 1
-            votes = vote_scores_reference(
-                q[None],
-                keys,
-                torch.arange(n, device=keys.device)[None],
-                torch.zeros(1, dtype=torch.long, device=keys.device),
-                seq,
-                n_init=cfg.n_init,
-                n_local=cfg.n_local,
-                scale=scale,
-                vote=cfg.vote,
-            )
-            topk = topk_positions_reference(
-                votes, seq, n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk
-            )[0].long()
-            cache.q[b] = q_flat[0]
-            cache.topk[b] = topk
-            cache.valid[b] = True
-        return selection_positions(topk, n, n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk)
+    def _selector(self, layer: int, batch: int, query_width: int, device) -> Selector:
+        """The layer's Selector over a one-layer SelectionCache with a row per request; a new
+        one (empty cache) when the batch or the query width changed."""
+        selector = self._selectors.get(layer)
+        cache = selector.cache if selector is not None else None
+        if cache is None or cache.query.shape[1:] != (batch, query_width) or cache.query.device != torch.device(device):
+            cache = SelectionCache.allocate(num_layers=1, num_rows=batch, query_width=query_width,
+                                            topk=self.config.topk, dtype=torch.float32, device=device)
+            selector = Selector(self.config, cache, self._ops)
+            self._selectors[layer] = selector
+        return selector
 
     def decode_attention(
         self,
@@ -197,33 +175,37 @@ class TokenSelectSession:
             raise ValueError("decode_attention takes one query token per request")
         layer = int(getattr(module, "layer_idx", 0))
         attn_scale = float(scaling if scaling is not None else module.scaling)
-        sel_scale = self.config.scale_for(attn_scale)
+        cfg = self.config
+        view = PagedView.of(key, value, attention_mask)
+        q = query[:, :, 0, :]  # [B, H_q, D]
+        kv_indptr = kv_indptr_reference(view.seq_lens, n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk)
+        kv_indices = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=query.device)
+        selector = self._selector(layer, bsz, n_heads * head_dim, query.device)
+        before = selector.cache.counts()
+        selector.select(0, q, view.k_buffer, view.req_to_token, torch.arange(bsz, device=query.device),
+                        view.seq_lens, kv_indptr, kv_indices, cfg.scale_for(attn_scale),
+                        self._ops.alloc_scratch(bsz, None, n_heads, query.device))
+        self._count(layer, before, selector.cache.counts(), kv_indptr, view.seq_lens)
+        out = paged_decode_attention_reference(q, view.k_buffer, view.v_buffer, kv_indptr, kv_indices, attn_scale)
+        return out[:, None]
+
+    def _count(self, layer: int, before: dict, after: dict, kv_indptr: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        step = {name: after[name] - before[name] for name in COUNTERS}
         stats = self.layers.setdefault(layer, LayerStats())
-        cache = self._layer_cache(layer, bsz, n_heads * head_dim, query.device)
-        out = query.new_empty(bsz, 1, n_heads, value.shape[-1])
-        for b in range(bsz):
-            keys = key[b].transpose(0, 1)  # [L, H_kv, D]: a paged cache with slot == position
-            values = value[b].transpose(0, 1)
-            valid = _valid_positions(attention_mask, b, key.shape[2])
-            if valid is not None:
-                keys, values = keys[valid], values[valid]
-            q = query[b, :, 0, :]  # [H_q, D]
-            pos = self._select(cache, b, q, keys, sel_scale, stats)
-            indptr = torch.tensor([0, pos.numel()], dtype=torch.int32, device=query.device)
-            out[b, 0] = paged_decode_attention_reference(q[None], keys, values, indptr, pos, attn_scale)[0]
-            stats.attended += pos.numel()
-            stats.context += keys.shape[0]
-        return out
+        stats.hits += step["hits"]
+        stats.misses += step["misses"]
+        stats.sparse_steps += step["hits"] + step["misses"]
+        stats.dense_steps += step["dense"]
+        stats.attended += int(kv_indptr[-1])
+        stats.context += int(seq_lens.sum())
 
 
-def _valid_positions(mask: Optional[torch.Tensor], b: int, kv_len: int) -> Optional[torch.Tensor]:
-    """Indices of the non-padded key positions of request b, or None when all are valid."""
+def _valid_positions(mask: Optional[torch.Tensor], b: int, kv_len: int, device) -> torch.Tensor:
+    """Indices of the non-padded key positions of request b."""
     if mask is None:
-        return None
+        return torch.arange(kv_len, device=device)
     row = mask[b].reshape(-1, mask.shape[-1])[-1][-kv_len:]
     keep = row if row.dtype == torch.bool else row == 0
-    if bool(keep.all()):
-        return None
     return keep.nonzero().squeeze(-1)
 
 
@@ -296,7 +278,67 @@ def attached(model: torch.nn.Module, session: Optional[TokenSelectSession]) -> I
         attach_session(model, previous)
 
 
+@dataclass
+class PrefilledPrompt:
+    """A chat prompt after its (dense) prefill: the KV cache and the greedy first token.
+
+    TokenSelect prefills densely, so one prefill serves dense and TokenSelect decoding alike;
+    :func:`decode` copies the cache, so a prompt can be decoded any number of times.
+    """
+
+    cache: Any  # transformers' Cache after the prompt
+    first_token: int  # greedy token after the prompt
+    length: int  # prompt tokens
+
+
 @torch.inference_mode()
+def prefill(model, tokenizer, messages: list[dict[str, str]]) -> PrefilledPrompt:
+    """Dense prefill of ``messages`` (chat template, generation prompt) on ``model``."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"].to(model.device)
+    with attached(model, None):
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return PrefilledPrompt(out.past_key_values, int(out.logits[0, -1].argmax()), ids.shape[1])
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    tokenizer,
+    prompt: PrefilledPrompt,
+    *,
+    session: Optional[TokenSelectSession] = None,
+    max_new_tokens: int = 24,
+) -> str:
+    """Greedy continuation of ``prompt``; TokenSelect decode when ``session`` is given.
+
+    The session is reset first, so its counters describe this generation only.
+    """
+    if session is not None:
+        session.reset()
+    cache = copy.deepcopy(prompt.cache)
+    tokens = [prompt.first_token]
+    stop = _eos_ids(model)
+    with attached(model, session):
+        while len(tokens) < max_new_tokens and tokens[-1] not in stop:
+            step = torch.tensor([[tokens[-1]]], device=model.device)
+            out = model(input_ids=step, past_key_values=cache, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    if session is not None:
+        t = session.totals()
+        logger.info(
+            "tokenselect: %d prompt tokens, attended %.1f%%, cache hit rate %.1f%% (%d/%d)",
+            prompt.length, 100 * t.attended_fraction, 100 * t.hit_rate, t.hits, t.hits + t.misses,
+        )
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _eos_ids(model) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+
+
 def generate(
     model,
     tokenizer,
@@ -305,31 +347,6 @@ def generate(
     session: Optional[TokenSelectSession] = None,
     max_new_tokens: int = 24,
 ) -> str:
-    """Greedy chat completion of ``messages``; TokenSelect decode when ``session`` is given.
-
-    The session is reset first, so its counters describe this generation only.
-    """
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-    if session is not None:
-        session.reset()
-    with attached(model, session):
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    prompt_len = enc["input_ids"].shape[1]
-    if session is not None:
-        t = session.totals()
-        logger.info(
-            "tokenselect: %d prompt tokens, attended %.1f%%, cache hit rate %.1f%% (%d/%d)",
-            prompt_len, 100 * t.attended_fraction, 100 * t.hit_rate, t.hits, t.hits + t.misses,
-        )
-    return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
+    """Greedy chat completion of ``messages`` (:func:`prefill`, then :func:`decode`)."""
+    return decode(model, tokenizer, prefill(model, tokenizer, messages), session=session,
+                  max_new_tokens=max_new_tokens)
