@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 
 import pytest
 
@@ -89,19 +88,6 @@ def test_unknown_backend_is_refused_by_sglang(capsys):
 def test_config_dataclass_validates_too(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TokenSelectConfig(**kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A config.json is all SGLang's argument resolution reads of a model."""
-    path = tmp_path_factory.mktemp("tiny")
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "head_dim": 16,
-    }))
-    return str(path)
 
 
 def server_args(model: str, *argv: str) -> ServerArgs:

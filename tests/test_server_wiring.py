@@ -30,18 +30,6 @@ TOKENSELECT = ("--attention-backend", "tokenselect", "--tokenselect-n-init", "2"
                "--tokenselect-topk", "8")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "head_dim": 16,
-    }))
-    return str(path)
-
-
 def server_args(model, *argv):
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *argv])
 
