@@ -11,16 +11,20 @@ sized from static shapes only (CUDA-graph capturable):
    recomputes the cosine and copies a share.
 2. ``_score_kernel``   persistent: walks the (tile of 64 candidates, kv head) items of the
    miss rows only, reads each candidate key once, stores ``exp2(s - m_tile)`` in bf16 plus
-   the tile max / sum-exp per head (soft vote), or the head-summed score (sum vote).
-3. ``_lse_kernel``     grid (H_q, B): each head's log-sum-exp over its row's candidates.
+   the tile max / min / sum-exp per head (soft vote), or the head-summed score (sum vote).
+3. ``_lse_kernel``     grid (H_q, B): each head's log-sum-exp over its row's candidates, and
+   the head's vote bounds ``exp2(min - lse)``, ``exp2(max - lse)``.
 4. ``_vote_kernel``    persistent: ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
-   histogram of the first 8-bit radix digit of the votes' order-preserving uint32 keys.
+   histogram of the votes' first-level buckets: linear in key space between the row's vote
+   bounds (the sums of the heads' bounds), so a row of near-equal votes gets buckets a few
+   ulps wide and a peaked row buckets of an octave or two (sum vote: the key's top 8 bits).
 5. ``_select_kernel``  grid (SPLIT, B): the exact top-k. The SPLIT programs of a row share
-   it: keys above the k-th key's first digit go straight to the cache row, keys equal to it
-   to a tie list with the next digit's histogram. The row's last program splits the (short)
-   tie list the same way on digits 1 and 2, takes the last digit's exact ties in list order,
-   writes the top-k slots into the KV indices, stores the query in the cache and marks the
-   selection valid.
+   the first level: buckets above the k-th vote's are chosen outright; when that bucket is a
+   single key its members are exact ties and the first k' by atomic rank are taken; otherwise
+   they go to a tie list, which the row's last program finishes (four 8-bit radix levels in
+   registers, after in-memory passes that narrow the list's key range 128x each while it is
+   longer than ``SELECT_LIST_MAX``). The last program writes the top-k slots into the KV
+   indices and marks the selection valid; another program of the row caches the query.
 
 Hit and dense layers cost launch 1 plus four launches that find no work. The scratch is
 sized by the work: the candidates of the miss rows are laid end to end in tiles of 64,
@@ -54,13 +58,18 @@ VOTE_HEAD_CHUNK = 4  # query heads per step of the vote loop
 LSE_HEADS = 1  # query heads per log-sum-exp program (more programs: its loop is latency bound)
 LSE_TILES = 2048  # tile statistics per step of the log-sum-exp loop
 SELECT_BLOCK = 2048  # votes per step of the select loops
+SELECT_LIST_MAX = 4096  # tie lists up to this length are finished in registers by one program
 GATE_BLOCK = 512  # slots per step of the gate's copies
 GATE_SPLIT = 4  # gate programs per request (each recomputes the cosine, copies a share)
 RADIX_BITS = 8  # the top-k's radix digits: key bits [31:24], [23:16], [15:8], [7:0]
 HIST_BINS = 1 << RADIX_BITS
-# radix scratch row: a histogram per digit, then counters (chosen, tie lists 1-3, programs done)
-RADIX_COUNTERS = 4 * HIST_BINS
-RADIX_WORDS = RADIX_COUNTERS + 5
+# Radix scratch row: the first-level histogram, then words at RADIX_COUNTERS + i:
+# 0 chosen, 1 tie-list length, 2 programs done, 3 klo and 4 shift of the row's buckets,
+# 5 / 6 the tie list's min / max key (sign-flipped int32), 7 exact ties taken.
+RADIX_COUNTERS = HIST_BINS
+RADIX_WORDS = RADIX_COUNTERS + 8
+_INT32_MAX = tl.constexpr(2**31 - 1)
+_INT32_MIN = tl.constexpr(-(2**31))
 SCORE_PROGRAMS_PER_SM = 4
 SCORE_STAGES = 3
 SCORE_WARPS = None  # None: 4 for BLOCK_N * D <= 8192, else 8
@@ -83,8 +92,10 @@ class DecodeScratch:
     T = capacity / BLOCK_N tiles, Bm = max batch.
         miss       [Bm] int32        1 where the row selects afresh in the current layer
         probs      [T, H_q, BLOCK_N] bf16, ``exp2(s2 - m_tile)`` (s2 = scaled score in log2 units)
-        tile_max   [H_q, T] fp32;  tile_sum [H_q, T] fp32 (head-major: the log-sum-exp reads rows)
+        tile_max, tile_min, tile_sum  [H_q, T] fp32 (head-major: the log-sum-exp reads rows)
         lse        [Bm, H_q] fp32, ``log2 sum_j exp2(s2_j)`` per head
+        bounds     [Bm, 2, H_q] fp32, ``exp2(min_j s2_j - lse)`` and ``exp2(max_j s2_j - lse)``
+                   per head: their sums over heads bound every soft vote of the row
         votes      [T * BLOCK_N] fp32, the miss rows' votes end to end
         tie_key, tie_pos, tie_key2, tie_pos2  [T * BLOCK_N] int32, the select kernel's tie
                    lists (ping-pong)
@@ -94,8 +105,10 @@ class DecodeScratch:
     miss: torch.Tensor
     probs: torch.Tensor
     tile_max: torch.Tensor
+    tile_min: torch.Tensor
     tile_sum: torch.Tensor
     lse: torch.Tensor
+    bounds: torch.Tensor
     votes: torch.Tensor
     tie_key: torch.Tensor
     tie_pos: torch.Tensor
@@ -121,7 +134,7 @@ def alloc_scratch(max_batch: int, capacity: int, num_q_heads: int, device) -> De
     """Scratch for batches of up to ``max_batch`` requests whose miss rows hold up to
     ``capacity`` candidates in all (each row rounded up to whole tiles of ``BLOCK_N``).
 
-    Bytes per candidate of capacity: ``2 * H_q`` (probs) + ``8 * H_q / 64`` (tile stats) + 20.
+    Bytes per candidate of capacity: ``2 * H_q`` (probs) + ``12 * H_q / 64`` (tile stats) + 20.
     """
     tiles = triton.cdiv(max(capacity, 1), BLOCK_N) + max_batch  # one partial tile per row
     n = tiles * BLOCK_N
@@ -130,8 +143,10 @@ def alloc_scratch(max_batch: int, capacity: int, num_q_heads: int, device) -> De
         miss=torch.zeros(max_batch, dtype=i32, device=device),
         probs=torch.empty(tiles, num_q_heads, BLOCK_N, dtype=torch.bfloat16, device=device),
         tile_max=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
+        tile_min=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
         tile_sum=torch.empty(num_q_heads, tiles, dtype=f32, device=device),
         lse=torch.empty(max_batch, num_q_heads, dtype=f32, device=device),
+        bounds=torch.empty(max_batch, 2, num_q_heads, dtype=f32, device=device),
         votes=torch.empty(n, dtype=f32, device=device),
         tie_key=torch.empty(n, dtype=i32, device=device),
         tie_pos=torch.empty(n, dtype=i32, device=device),
@@ -240,7 +255,7 @@ def _gate_kernel(
     stride_qb, stride_qh, stride_r2t, stride_cq, stride_cpos, stride_rb,
     n_init, n_local, topk, threshold, flat_dim,
     HEAD_DIM: tl.constexpr, FLAT_PAD: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    RADIX_WORDS: tl.constexpr,
+    RADIX_WORDS: tl.constexpr, CTR: tl.constexpr,
 ):
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -272,8 +287,8 @@ def _gate_kernel(
         # The query is cached by the select kernel: the row's other gate programs read it.
         for z0 in tl.static_range(0, RADIX_WORDS, 1024):
             offs_z = z0 + tl.arange(0, 1024)
-            tl.store(radix_ptr + b.to(tl.int64) * stride_rb + offs_z, tl.zeros((1024,), tl.int32),
-                     mask=offs_z < RADIX_WORDS)
+            init = tl.where(offs_z == CTR + 5, _INT32_MAX, tl.where(offs_z == CTR + 6, _INT32_MIN, 0))
+            tl.store(radix_ptr + b.to(tl.int64) * stride_rb + offs_z, init.to(tl.int32), mask=offs_z < RADIX_WORDS)
         tl.store(miss_ptr + b, 1)
         tl.atomic_add(counter_ptr + 1, 1, sem="relaxed")
 
@@ -284,7 +299,7 @@ def _gate_kernel(
 @triton.jit
 def _score_kernel(
     q_ptr, k_ptr, r2t_ptr, rpi_ptr, seq_ptr, miss_ptr,
-    p_ptr, tmax_ptr, tsum_ptr, vote_ptr,
+    p_ptr, tmax_ptr, tmin_ptr, tsum_ptr, vote_ptr,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_r2t, stride_th,
     batch, n_init, n_local, cap_tiles, scale,
     NUM_KV: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
@@ -342,6 +357,7 @@ def _score_kernel(
                      p.to(tl.bfloat16), mask=mask_g[None, :])
             stat = heads.to(tl.int64) * stride_th + tile
             tl.store(tmax_ptr + stat, m, mask=mask_g)
+            tl.store(tmin_ptr + stat, tl.min(tl.where(mask_n[:, None], s, float("inf")), axis=0), mask=mask_g)
             tl.store(tsum_ptr + stat, tl.sum(p, axis=0), mask=mask_g)
 
 
@@ -350,11 +366,13 @@ def _score_kernel(
 
 @triton.jit
 def _lse_kernel(
-    tmax_ptr, tsum_ptr, lse_ptr, seq_ptr, miss_ptr, stride_lb, stride_th,
+    tmax_ptr, tmin_ptr, tsum_ptr, lse_ptr, bounds_ptr, seq_ptr, miss_ptr, stride_lb, stride_bb, stride_th,
     batch, n_init, n_local, cap_tiles,
     NUM_HEADS: tl.constexpr, HEADS: tl.constexpr, TILES: tl.constexpr,
     BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
 ):
+    """Each head's log-sum-exp over its row's candidates, and the head's vote bounds
+    ``exp2(min - lse)``, ``exp2(max - lse)`` (``bounds[b, 0 / 1, h]``)."""
     hc = tl.program_id(0)
     b = tl.program_id(1)
     rows, _, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
@@ -367,6 +385,7 @@ def _lse_kernel(
     mask_h = heads < NUM_HEADS
     run_max = tl.full((HEADS,), -1.0e30, tl.float32)  # finite: the first rescale is 0, not NaN
     run_sum = tl.zeros((HEADS,), tl.float32)
+    run_min = tl.full((HEADS,), float("inf"), tl.float32)
     for t0 in range(0, n_tiles, TILES):
         offs_t = t0 + tl.arange(0, TILES)
         m = mask_h[:, None] & (offs_t < n_tiles)[None, :]
@@ -376,29 +395,71 @@ def _lse_kernel(
         new_max = tl.maximum(run_max, tl.max(tm, axis=1))
         run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(ts * tl.exp2(tm - new_max[:, None]), axis=1)
         run_max = new_max
+        run_min = tl.minimum(run_min, tl.min(tl.load(tmin_ptr + off, mask=m, other=float("inf")), axis=1))
     run_sum = tl.where(mask_h, run_sum, 1.0)  # padded heads: no log2(0)
-    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads, run_max + tl.log2(run_sum), mask=mask_h)
+    lse = run_max + tl.log2(run_sum)
+    tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads, lse, mask=mask_h)
+    bounds_row = bounds_ptr + b.to(tl.int64) * stride_bb + heads
+    tl.store(bounds_row, tl.exp2(run_min - lse), mask=mask_h)
+    tl.store(bounds_row + NUM_HEADS, tl.exp2(run_max - lse), mask=mask_h)
 
 
 # ----------------------------------------------------------------------------- 4. vote
 
 
 @triton.jit
-def _digit(key, LEVEL: tl.constexpr, BITS: tl.constexpr):
-    """Radix digit LEVEL (0 = most significant) of uint32 keys."""
-    return ((key >> (32 - BITS * (LEVEL + 1))) & ((1 << BITS) - 1)).to(tl.int32)
+def _digit(key, level, BITS: tl.constexpr):
+    """Radix digit ``level`` (0 = most significant) of uint32 keys."""
+    return ((key >> (32 - BITS * (level + 1))) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _range_shift(width):
+    """Smallest-ish shift with ``width >> shift < 128`` for a uint32 key range (from the float
+    exponent of ``width``; never too small)."""
+    e = ((width.to(tl.float32).to(tl.uint32, bitcast=True) >> 23) & 255).to(tl.int32) - 126  # bit length
+    return tl.where(width > 0, tl.maximum(e - 7, 0), 0).to(tl.uint32)
+
+
+@triton.jit
+def _row_buckets(bounds_row, NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, SOFT: tl.constexpr):
+    """``(klo, shift)`` of a row's first-level buckets. Soft vote: linear in key space between
+    the key of the lower vote bound and that of the upper one. Sum vote: the key's top 8 bits."""
+    if SOFT:
+        heads = tl.arange(0, H_PAD)
+        lo = tl.sum(tl.load(bounds_row + heads, mask=heads < NUM_HEADS, other=0.0), axis=0)
+        hi = tl.sum(tl.load(bounds_row + NUM_HEADS + heads, mask=heads < NUM_HEADS, other=0.0), axis=0)
+        # 31 keys of slack on each side absorb the heads' summation order (a few ulps): a row
+        # of equal votes still gets shift 0, i.e. buckets of one key.
+        klo = _order_key(lo) - 31
+        khi = tl.maximum(_order_key(hi) + 31, klo)
+        return klo, _range_shift(khi - klo)
+    else:
+        return tl.full((), 0, tl.uint32), tl.full((), 24, tl.uint32)
+
+
+@triton.jit
+def _bucket(key, klo, shift, SOFT: tl.constexpr):
+    """First-level bucket of uint32 keys, monotone in the key. Soft vote: 0 below ``klo``, else
+    ``1 + (key - klo) >> shift`` clamped to 255 (bucket d in 1..254 with shift 0 is the single
+    key ``klo + d - 1``). Sum vote: the top 8 bits."""
+    if SOFT:
+        rel = tl.minimum((key - klo) >> shift, 254).to(tl.int32) + 1
+        return tl.where(key < klo, 0, rel)
+    else:
+        return (key >> 24).to(tl.int32)
 
 
 @triton.jit
 def _vote_kernel(
-    p_ptr, tmax_ptr, lse_ptr, vote_ptr, seq_ptr, miss_ptr, radix_ptr,
-    stride_lb, stride_th, stride_rb,
+    p_ptr, tmax_ptr, lse_ptr, bounds_ptr, vote_ptr, seq_ptr, miss_ptr, radix_ptr,
+    stride_lb, stride_bb, stride_th, stride_rb,
     batch, n_init, n_local, cap_tiles,
-    NUM_HEADS: tl.constexpr, H_CHUNK: tl.constexpr, VT: tl.constexpr, BLOCK_N: tl.constexpr,
-    B_PAD: tl.constexpr, BITS: tl.constexpr, SOFT: tl.constexpr,
+    NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, H_CHUNK: tl.constexpr, VT: tl.constexpr,
+    BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, BITS: tl.constexpr, SOFT: tl.constexpr, CTR: tl.constexpr,
 ):
     """Work item = VT consecutive tiles of one row: their votes (soft vote; the sum vote's
-    were written by the score kernel) and the histogram of their first radix digit."""
+    were written by the score kernel) and the histogram of their first-level buckets."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows, cnt, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
@@ -434,8 +495,13 @@ def _vote_kernel(
         else:
             vote = tl.load(vote_ptrs, mask=valid, other=float("-inf"))
         key = _order_key(tl.reshape(vote, (VT * BLOCK_N,)))
-        h = tl.histogram(_digit(key, 0, BITS), BINS, mask=tl.reshape(valid, (VT * BLOCK_N,)))
-        tl.atomic_add(radix_ptr + b.to(tl.int64) * stride_rb + tl.arange(0, BINS), h,
+        klo, shift = _row_buckets(bounds_ptr + b.to(tl.int64) * stride_bb, NUM_HEADS, H_PAD, SOFT)
+        radix_row = radix_ptr + b.to(tl.int64) * stride_rb
+        if it == _pick(rows, b, item_ends - items):  # the row's first item tells the select kernel
+            tl.store(radix_row + CTR + 3, klo.to(tl.int32, bitcast=True))
+            tl.store(radix_row + CTR + 4, shift.to(tl.int32, bitcast=True))
+        h = tl.histogram(_bucket(key, klo, shift, SOFT), BINS, mask=tl.reshape(valid, (VT * BLOCK_N,)))
+        tl.atomic_add(radix_row + tl.arange(0, BINS), h,
                       mask=h > 0, sem="relaxed")
 
 
@@ -450,36 +516,129 @@ def _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_di
 
 
 @triton.jit
-def _split_level(src_key, src_pos, n_src, dst_key, dst_pos, hist_ptr, chosen_ptr, dst_len_ptr, cpos_row,
-                 d, s, LEVEL: tl.constexpr, FROM_VOTES: tl.constexpr, n_init,
-                 SPLIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
-    """This program's share (blocks s, s + SPLIT, ...) of one radix level: keys whose digit
-    LEVEL is above ``d`` are chosen (appended to the cache row), keys equal to it go to the
-    next tie list, whose next digit's histogram is added to ``hist_ptr``. ``FROM_VOTES``: the
-    source is the row's votes (positions implicit) rather than a tie list. chosen_ptr,
-    dst_len_ptr: the counters of chosen positions and of the next list."""
-    BINS: tl.constexpr = 1 << BITS
-    hist = tl.zeros((BINS,), tl.int32)
+def _flip(key):
+    """uint32 key -> int32 of the same order (for atomic min / max)."""
+    return (key ^ 0x80000000).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _unflip(v):
+    return v.to(tl.uint32, bitcast=True) ^ 0x80000000
+
+
+@triton.jit
+def _split_first_level(vote_row, n_src, key_dst, pos_dst, ctr, cpos_row, d, k, klo, shift, exact, s, n_init,
+                       topk, SPLIT: tl.constexpr, BLOCK: tl.constexpr, SOFT: tl.constexpr):
+    """This program's share (blocks s, s + SPLIT, ...) of the row's votes: buckets above ``d``
+    are chosen (appended to the cache row); bucket ``d``'s members are either exact ties, of
+    which the first k by atomic rank are chosen, or go to the tie list (with its key range)."""
     for blk in range(s, tl.cdiv(n_src, BLOCK), SPLIT):
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         valid = offs < n_src
-        if FROM_VOTES:
-            key = _order_key(tl.load(src_key + offs, mask=valid, other=0.0))
-            pos = n_init + offs
-        else:
-            key = tl.load(src_key + offs, mask=valid, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-            pos = tl.load(src_pos + offs, mask=valid, other=0, cache_modifier=".cg")
-        dig = _digit(key, LEVEL, BITS)
-        above = (valid & (dig > d)).to(tl.int32)
-        base = tl.atomic_add(chosen_ptr, tl.sum(above, axis=0), sem="relaxed")
-        tl.store(cpos_row + base + tl.cumsum(above, axis=0) - 1, pos, mask=above != 0)
-        equal = (valid & (dig == d)).to(tl.int32)
-        base = tl.atomic_add(dst_len_ptr, tl.sum(equal, axis=0), sem="relaxed")
-        slot = base + tl.cumsum(equal, axis=0) - 1
+        key = _order_key(tl.load(vote_row + offs, mask=valid, other=0.0))
+        bkt = _bucket(key, klo, shift, SOFT)
+        above = (valid & (bkt > d)).to(tl.int32)
+        at = tl.atomic_add(ctr, tl.sum(above, axis=0), sem="relaxed")
+        tl.store(cpos_row + at + tl.cumsum(above, axis=0) - 1, n_init + offs, mask=above != 0)
+        equal = (valid & (bkt == d)).to(tl.int32)
+        n_eq = tl.sum(equal, axis=0)
+        if n_eq > 0:
+            if exact:
+                rank = tl.atomic_add(ctr + 7, n_eq, sem="relaxed") + tl.cumsum(equal, axis=0) - 1
+                take = (equal != 0) & (rank < k)
+                tl.store(cpos_row + (topk - k) + rank, n_init + offs, mask=take)
+            else:
+                slot = tl.atomic_add(ctr + 1, n_eq, sem="relaxed") + tl.cumsum(equal, axis=0) - 1
+                tl.store(key_dst + slot, key.to(tl.int32, bitcast=True), mask=equal != 0)
+                tl.store(pos_dst + slot, n_init + offs, mask=equal != 0)
+                flipped = _flip(key)
+                tl.atomic_min(ctr + 5, tl.min(tl.where(equal != 0, flipped, _INT32_MAX), axis=0), sem="relaxed")
+                tl.atomic_max(ctr + 6, tl.max(tl.where(equal != 0, flipped, _INT32_MIN), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _load_list(key_ptr, pos_ptr, offs, m):
+    key = tl.load(key_ptr + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+    return key, tl.load(pos_ptr + offs, mask=m, other=0, cache_modifier=".cg")
+
+
+@triton.jit
+def _narrow_list(src_key, src_pos, n, dst_key, dst_pos, cpos_out, lmin, shift, k,
+                 BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """One program, one pass over a tie list in memory whose keys lie in ``[lmin, lmin +
+    (128 << shift))``: buckets ``(key - lmin) >> shift`` above the k-th key's are chosen
+    (written from ``cpos_out``), the k-th key's bucket goes to the next list.
+    Returns (chosen, length of the next list, k left, the k-th key's bucket)."""
+    hist = tl.zeros((1 << BITS,), tl.int32)
+    for t0 in range(0, n, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        key, _ = _load_list(src_key, src_pos, offs, offs < n)
+        hist += tl.histogram(((key - lmin) >> shift).to(tl.int32), 1 << BITS, mask=offs < n)
+    d, k_left = _kth_digit(hist, k, 1 << BITS)
+    chosen = tl.full((), 0, tl.int32)
+    kept = tl.full((), 0, tl.int32)
+    for t0 in range(0, n, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        m = offs < n
+        key, pos = _load_list(src_key, src_pos, offs, m)
+        dig = ((key - lmin) >> shift).to(tl.int32)
+        above = (m & (dig > d)).to(tl.int32)
+        tl.store(cpos_out + chosen + tl.cumsum(above, axis=0) - 1, pos, mask=above != 0)
+        equal = (m & (dig == d)).to(tl.int32)
+        slot = kept + tl.cumsum(equal, axis=0) - 1
         tl.store(dst_key + slot, key.to(tl.int32, bitcast=True), mask=equal != 0)
         tl.store(dst_pos + slot, pos, mask=equal != 0)
-        hist += tl.histogram(_digit(key, LEVEL + 1, BITS), BINS, mask=equal != 0)
-    tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0, sem="relaxed")
+        chosen += tl.sum(above, axis=0)
+        kept += tl.sum(equal, axis=0)
+    return chosen, kept, k_left, d
+
+
+@triton.jit
+def _finish_in_registers(key_ptr, pos_ptr, n, cpos_out, k, LIST_MAX: tl.constexpr, BITS: tl.constexpr):
+    """The k largest keys of a list of at most LIST_MAX, all four 8-bit radix levels in
+    registers; exact ties of the k-th key are taken in list order."""
+    offs = tl.arange(0, LIST_MAX)
+    key, pos = _load_list(key_ptr, pos_ptr, offs, offs < n)
+    alive = offs < n  # still tied with the k-th key on every digit so far
+    take = offs < 0
+    for level in tl.static_range(4):
+        dig = _digit(key, level, BITS)
+        d, k = _kth_digit(tl.histogram(dig, 1 << BITS, mask=alive), k, 1 << BITS)
+        take = take | (alive & (dig > d))
+        alive = alive & (dig == d)
+    take = take | (alive & (tl.cumsum(alive.to(tl.int32), axis=0) <= k))
+    take = take.to(tl.int32)
+    tl.store(cpos_out + tl.cumsum(take, axis=0) - 1, pos, mask=take != 0)
+
+
+@triton.jit
+def _first_k(key_ptr, pos_ptr, cpos_out, k, BLOCK: tl.constexpr):
+    """The first k entries of a list (exact ties)."""
+    for t0 in range(0, k, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        _, pos = _load_list(key_ptr, pos_ptr, offs, offs < k)
+        tl.store(cpos_out + offs, pos, mask=offs < k)
+
+
+@triton.jit
+def _finish_tie_list(key_a, pos_a, key_b, pos_b, n, lmin, lmax, cpos_out, k,
+                     LIST_MAX: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+    """The k largest keys of the tie list (key_a, pos_a)[:n], whose keys lie in [lmin, lmax],
+    written from ``cpos_out``. Lists longer than LIST_MAX are narrowed in memory, each pass
+    to a key range 128x narrower (ping-pong with key_b, pos_b), until they fit the registers
+    or hold one key (exact ties: the first k)."""
+    while (n > LIST_MAX) & (lmax > lmin):
+        shift = _range_shift(lmax - lmin)
+        chosen, n, k, d = _narrow_list(key_a, pos_a, n, key_b, pos_b, cpos_out, lmin, shift, k, BLOCK, BITS)
+        cpos_out += chosen
+        lmin = lmin + (d.to(tl.uint32) << shift)
+        lmax = tl.minimum(lmax, lmin + ((tl.full((), 1, tl.uint32) << shift) - 1))
+        key_a, pos_a, key_b, pos_b = key_b, pos_b, key_a, pos_a
+        tl.debug_barrier()
+    if n <= LIST_MAX:
+        _finish_in_registers(key_a, pos_a, n, cpos_out, k, LIST_MAX, BITS)
+    else:  # one key: exact ties
+        _first_k(key_a, pos_a, cpos_out, k, BLOCK)
 
 
 @triton.jit
@@ -488,8 +647,9 @@ def _select_kernel(
     indptr_ptr, kv_ptr, cpos_ptr, cvalid_ptr, counter_ptr, q_ptr, cq_ptr,
     stride_rb, stride_r2t, stride_cpos, stride_qb, stride_qh, stride_cq,
     batch, n_init, n_local, topk, cap_tiles, flat_dim,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, BLOCK: tl.constexpr,
-    BITS: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, LIST_MAX: tl.constexpr, BITS: tl.constexpr,
+    SOFT: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     FLAT_PAD: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -512,49 +672,30 @@ def _select_kernel(
             tl.store(cvalid_ptr + row, 0)
             tl.atomic_add(counter_ptr + 3, 1, sem="relaxed")
         return
-    BINS: tl.constexpr = 1 << BITS
-    bins = tl.arange(0, BINS)
+    if s == SPLIT - 1:  # off the last program's serial tail
+        _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim, HEAD_DIM, FLAT_PAD)
     row_off = _pick(rows, b, firsts).to(tl.int64) * BLOCK_N
     key_a, pos_a, key_b, pos_b = key_a + row_off, pos_a + row_off, key_b + row_off, pos_b + row_off
     radix_row = radix_ptr + b.to(tl.int64) * stride_rb
-    ctr = radix_row + CTR  # chosen, lengths of tie lists 1-3, programs done
-    # Level 0, split over the row's programs (histogram of digit 0 from the vote kernel).
-    d, k = _kth_digit(tl.load(radix_row + bins, cache_modifier=".cg"), topk, BINS)
-    _split_level(vote_ptr + row_off, vote_ptr, _pick(rows, b, cnt), key_a, pos_a, radix_row + BINS,
-                 ctr, ctr + 1, cpos_row, d, s, 0, True, n_init, SPLIT, BLOCK, BITS)
+    ctr = radix_row + CTR
+    d, k = _kth_digit(tl.load(radix_row + tl.arange(0, 1 << BITS), cache_modifier=".cg"), topk, 1 << BITS)
+    klo = tl.load(ctr + 3, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+    shift = tl.load(ctr + 4, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+    exact = SOFT & (shift == 0) & (d >= 1) & (d <= 254)
+    _split_first_level(vote_ptr + row_off, _pick(rows, b, cnt), key_a, pos_a, ctr, cpos_row, d, k, klo, shift,
+                       exact, s, n_init, topk, SPLIT, BLOCK, SOFT)
     tl.debug_barrier()
-    if tl.atomic_add(ctr + 4, 1, sem="acq_rel") != SPLIT - 1:
+    if tl.atomic_add(ctr + 2, 1, sem="acq_rel") != SPLIT - 1:
         return
-    # The row's last program: levels 1 and 2 over the (short) tie lists, then the last digit,
-    # whose equal keys are exact ties: the first k of them in list order.
-    d, k = _kth_digit(tl.load(radix_row + BINS + bins, cache_modifier=".cg"), k, BINS)
-    _split_level(key_a, pos_a, tl.load(ctr + 1, cache_modifier=".cg"), key_b, pos_b, radix_row + 2 * BINS,
-                 ctr, ctr + 2, cpos_row, d, 0, 1, False, n_init, 1, BLOCK, BITS)
-    tl.debug_barrier()
-    d, k = _kth_digit(tl.load(radix_row + 2 * BINS + bins, cache_modifier=".cg"), k, BINS)
-    _split_level(key_b, pos_b, tl.load(ctr + 2, cache_modifier=".cg"), key_a, pos_a, radix_row + 3 * BINS,
-                 ctr, ctr + 3, cpos_row, d, 0, 2, False, n_init, 1, BLOCK, BITS)
-    tl.debug_barrier()
-    d, k = _kth_digit(tl.load(radix_row + 3 * BINS + bins, cache_modifier=".cg"), k, BINS)
-    n_list = tl.load(ctr + 3, cache_modifier=".cg")
-    filled = tl.load(ctr, cache_modifier=".cg")
-    ties = tl.full((), 0, tl.int32)
-    for t0 in range(0, n_list, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        m = offs < n_list
-        key = tl.load(key_a + offs, mask=m, other=0, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-        pos = tl.load(pos_a + offs, mask=m, other=0, cache_modifier=".cg")
-        dig = _digit(key, 3, BITS)
-        tie = (m & (dig == d)).to(tl.int32)
-        rank = ties + tl.cumsum(tie, axis=0) - 1
-        take = ((m & (dig > d)) | ((tie != 0) & (rank < k))).to(tl.int32)
-        tl.store(cpos_row + filled + tl.cumsum(take, axis=0) - 1, pos, mask=take != 0)
-        filled += tl.sum(take, axis=0)
-        ties += tl.sum(tie, axis=0)
+    # The row's last program: the exact k left among the tie list.
+    if exact == 0:
+        _finish_tie_list(key_a, pos_a, key_b, pos_b, tl.load(ctr + 1, cache_modifier=".cg"),
+                         _unflip(tl.load(ctr + 5, cache_modifier=".cg")),
+                         _unflip(tl.load(ctr + 6, cache_modifier=".cg")), cpos_row + (topk - k), k,
+                         LIST_MAX, BLOCK, BITS)
     tl.debug_barrier()
     out = kv_ptr + tl.load(indptr_ptr + b).to(tl.int64) + n_init
-    _gather_slots(out, r2t_ptr + row * stride_r2t, cpos_row, topk, GATE_BLOCK)
-    _cache_query(q_ptr, cq_ptr, b, row, stride_qb, stride_qh, stride_cq, flat_dim, HEAD_DIM, FLAT_PAD)
+    _gather_slots(out, r2t_ptr + row * stride_r2t, cpos_row, topk, BLOCK)
     tl.store(cvalid_ptr + row, 1)
 
 
@@ -655,13 +796,13 @@ def decode_select_stages(
             cache_positions.stride(0), sc.radix.stride(0),
             n_init, n_local, topk, float(threshold), flat_dim,
             HEAD_DIM=head_dim, FLAT_PAD=flat_pad, BLOCK=GATE_BLOCK, SPLIT=GATE_SPLIT,
-            RADIX_WORDS=RADIX_WORDS, num_warps=4,
+            RADIX_WORDS=RADIX_WORDS, CTR=RADIX_COUNTERS, num_warps=4,
         )
 
     def score():
         _score_kernel[(min(SCORE_PROGRAMS_PER_SM * sms, cap_tiles * per_tile),)](
             q, k_buffer, req_to_token, req_pool_indices, seq_lens, sc.miss,
-            sc.probs, sc.tile_max, sc.tile_sum, sc.votes,
+            sc.probs, sc.tile_max, sc.tile_min, sc.tile_sum, sc.votes,
             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
             sc.tile_max.stride(0), *layout, float(scale),
             NUM_KV=num_kv_heads, NUM_HEADS=num_q_heads, GROUP=group,
@@ -672,17 +813,19 @@ def decode_select_stages(
 
     def lse():
         _lse_kernel[(triton.cdiv(num_q_heads, LSE_HEADS), batch)](
-            sc.tile_max, sc.tile_sum, sc.lse, seq_lens, sc.miss, sc.lse.stride(0), sc.tile_max.stride(0),
+            sc.tile_max, sc.tile_min, sc.tile_sum, sc.lse, sc.bounds, seq_lens, sc.miss, sc.lse.stride(0),
+            sc.bounds.stride(0), sc.tile_max.stride(0),
             *layout, NUM_HEADS=num_q_heads, HEADS=LSE_HEADS, TILES=LSE_TILES, BLOCK_N=BLOCK_N,
             B_PAD=b_pad, num_warps=4,
         )
 
     def vote_pass():
         _vote_kernel[(min(VOTE_PROGRAMS_PER_SM * sms, triton.cdiv(cap_tiles, VOTE_TILES)),)](
-            sc.probs, sc.tile_max, sc.lse, sc.votes, seq_lens, sc.miss, sc.radix,
-            sc.lse.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout,
+            sc.probs, sc.tile_max, sc.lse, sc.bounds, sc.votes, seq_lens, sc.miss, sc.radix,
+            sc.lse.stride(0), sc.bounds.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout,
             NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
-            VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote, num_warps=4,
+            VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote,
+            CTR=RADIX_COUNTERS, H_PAD=triton.next_power_of_2(num_q_heads), num_warps=4,
         )
 
     def select():
@@ -693,8 +836,9 @@ def decode_select_stages(
             sc.radix.stride(0), req_to_token.stride(0), cache_positions.stride(0),
             q.stride(0), q.stride(1), cache_query.stride(0),
             batch, n_init, n_local, topk, cap_tiles, flat_dim,
-            SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK, BITS=RADIX_BITS,
-            CTR=RADIX_COUNTERS, GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, num_warps=8,
+            SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK,
+            LIST_MAX=SELECT_LIST_MAX, BITS=RADIX_BITS, SOFT=not sum_vote, CTR=RADIX_COUNTERS,
+            GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, num_warps=8,
         )
 
     stages = [("gate", gate), ("score", score)] + ([] if sum_vote else [("lse", lse)])
