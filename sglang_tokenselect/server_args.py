@@ -11,6 +11,7 @@ for underscore names).
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 from typing import Any, Callable
 
@@ -26,6 +27,9 @@ STATS_ATTR = "_tokenselect_stats_interval"
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 _DEFAULTS = TokenSelectConfig()
+# The config being parsed, for the resolution hooks that run inside ServerArgs.__post_init__
+# (before from_cli_args can attach it to the object).
+_PENDING_CONFIG: contextvars.ContextVar = contextvars.ContextVar("tokenselect_pending_config", default=None)
 
 
 def _int_at_least(option: str, low: int) -> Callable[[str], int]:
@@ -87,6 +91,14 @@ def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
                             "(the layer's attention scale).")
     group.add_argument("--tokenselect-vote", choices=VOTES, default=_DEFAULTS.vote,
                        help="soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation).")
+    group.add_argument("--tokenselect-sparse-prefill", action="store_true", default=_DEFAULTS.sparse_prefill,
+                       help="Chunk-wise sparse prefill: each sub-chunk of --tokenselect-prefill-chunk queries "
+                            "attends n_init + top-k (its mean query's vote) + n_local tokens. Off by default "
+                            "(no accuracy evidence on a GPU yet).")
+    group.add_argument("--tokenselect-prefill-chunk", type=_int_at_least("--tokenselect-prefill-chunk", 1),
+                       default=_DEFAULTS.prefill_chunk,
+                       help="Sparse prefill sub-chunk size in queries, on absolute positions "
+                            "(<= --tokenselect-n-local).")
     group.add_argument("--tokenselect-stats-interval", type=_int_at_least("--tokenselect-stats-interval", 0),
                        default=0, help="Log Selection Cache hit/miss counts every N decode steps (0 = never).")
 
@@ -100,6 +112,8 @@ def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
         cache_threshold=args.tokenselect_cache_threshold,
         score_scale=args.tokenselect_score_scale,
         vote=args.tokenselect_vote,
+        sparse_prefill=args.tokenselect_sparse_prefill,
+        prefill_chunk=args.tokenselect_prefill_chunk,
     )
 
 
@@ -125,7 +139,11 @@ def after_add_cli_args(result, parser, *args, **kwargs):
 
 def around_from_cli_args(original, cls, args, *rest, **kwargs):
     config = config_from_namespace(args) if hasattr(args, "tokenselect_topk") else None
-    server_args = original(cls, args, *rest, **kwargs)
+    token = _PENDING_CONFIG.set(config)
+    try:
+        server_args = original(cls, args, *rest, **kwargs)
+    finally:
+        _PENDING_CONFIG.reset(token)
     if config is not None:
         setattr(server_args, CONFIG_ATTR, config)
         setattr(server_args, STATS_ATTR, args.tokenselect_stats_interval)
@@ -147,7 +165,27 @@ def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
             "TokenSelect: --max-running-requests defaults to %d (the Selection Cache keeps state "
             "per request slot); pass it explicitly to change.", DEFAULT_MAX_RUNNING_REQUESTS,
         )
+    config = getattr(server_args, CONFIG_ATTR, None) or _PENDING_CONFIG.get()
+    if config is not None and config.sparse_prefill:
+        disable_prefill_cuda_graph(server_args)
     return result
+
+
+def disable_prefill_cuda_graph(server_args: Any) -> None:
+    """Sparse prefill plans each extend on the host from its lengths: no prefill CUDA graph.
+    Turned off unless the user chose a prefill graph backend explicitly (then refused)."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
+
+    graphs = getattr(server_args, "cuda_graph_config", None)
+    if graphs is None or graphs.prefill.backend == Backend.DISABLED:
+        return
+    if (Phase.PREFILL, "backend") in getattr(server_args, "_cuda_graph_config_locked", ()):
+        raise ValueError(
+            "--tokenselect-sparse-prefill does not support a prefill CUDA graph "
+            f"(--cuda-graph-backend-prefill {graphs.prefill.backend}); use --cuda-graph-backend-prefill disabled."
+        )
+    logger.info("TokenSelect: sparse prefill turns the prefill CUDA graph (%s) off.", graphs.prefill.backend)
+    graphs.prefill.backend = Backend.DISABLED
 
 
 def after_post_init(result, server_args, *args, **kwargs):
