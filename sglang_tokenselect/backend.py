@@ -403,8 +403,8 @@ def _flashinfer_backend_class():
         def _plan_sparse_prefill_wrapper(self, forward_batch: "ForwardBatch") -> Optional[SparsePrefillStep]:
             """Plan one paged prefill (page size 1, causal) over all sub-chunks of a sparse
             extend: ``min(e, budget)`` keys each, whose slots every layer writes into the planned
-            index buffer. The index pointers are host tensors (FlashInfer copies them to the
-            device): no synchronisation."""
+            index buffer. The index pointers and last page lengths are host tensors (FlashInfer
+            reads them on the host and copies them to the device): no synchronisation."""
             plan = self._plan_sparse_prefill(forward_batch)
             if plan is None:
                 return None
@@ -414,7 +414,7 @@ def _flashinfer_backend_class():
             wrapper.begin_forward(
                 plan.qo_indptr, plan.kv_indptr,
                 torch.empty(plan.num_kv, dtype=torch.int32, device=device),
-                torch.ones(plan.num_rows, dtype=torch.int32, device=device),  # last page length
+                torch.ones(plan.num_rows, dtype=torch.int32),  # last page lengths, on the host like the indptrs
                 updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
                 causal=True, q_data_type=updater.q_data_type, kv_data_type=updater.data_type,
                 non_blocking=True,
