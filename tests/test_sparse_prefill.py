@@ -244,7 +244,7 @@ def expected_sparse_extend(fx, hidden_per_req, prefix_lens, extend_lens, cfg, to
 def poison_unowned_slots(fx, batch) -> None:
     """NaN in every KV slot outside the batch's contexts [0, L)."""
     pool = fx.runner.token_to_kv_pool
-    owned = torch.zeros(pool.get_key_buffer(0).shape[0], dtype=torch.bool)
+    owned = torch.zeros(pool.get_key_buffer(0).shape[0], dtype=torch.bool, device=pool.get_key_buffer(0).device)
     r2t = fx.runner.req_to_token_pool.req_to_token
     for b, length in enumerate(batch.seq_lens.tolist()):
         owned[r2t[int(batch.req_pool_indices[b]), :length].long()] = True
