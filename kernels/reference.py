@@ -289,3 +289,114 @@ def paged_decode_attention_reference(
             logits = logit_cap * torch.tanh(logits / logit_cap)
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), values).to(q.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- sparse prefill
+#
+# Chunk-wise sparse prefill (the paper's prefill variant). An extend of positions [P, P + E)
+# is cut into sub-chunks on the absolute grid of ``chunk`` positions: the pieces of
+# [j * chunk, (j + 1) * chunk) that fall inside [P, P + E). A sub-chunk ending at ``e`` (its
+# last query is at e - 1) is one row of the decode selection with length ``e``: its query is
+# the mean of its queries, its candidates are [n_init, e - n_local), and it attends everything
+# when e <= budget. Its own queries lie in its local window (n_local >= chunk), where the
+# attention is causal.
+
+
+def prefill_subchunks_reference(prefix_len: int, extend_len: int, chunk: int) -> list[tuple[int, int]]:
+    """Absolute ``(start, end)`` of the sub-chunks of one request's extend, in order."""
+    out, pos, end = [], prefix_len, prefix_len + extend_len
+    while pos < end:
+        stop = min(end, (pos // chunk + 1) * chunk)
+        out.append((pos, stop))
+        pos = stop
+    return out
+
+
+def subchunk_mean_queries_reference(q: torch.Tensor, qo_indptr: torch.Tensor) -> torch.Tensor:
+    """Mean query of each sub-chunk: [T, H_q, D] -> [N, H_q, D], averaged in float32 and
+    rounded to q's dtype (the selection kernels read queries in the model dtype)."""
+    means = [q[int(qo_indptr[i]) : int(qo_indptr[i + 1])].float().mean(0) for i in range(qo_indptr.numel() - 1)]
+    if not means:
+        return q.new_empty((0,) + tuple(q.shape[1:]))
+    return torch.stack(means).to(q.dtype)
+
+
+def sparse_prefill_select_reference(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    *,
+    chunk: int,
+    n_init: int,
+    n_local: int,
+    topk: int,
+    scale: float,
+    vote: str = "soft",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selection of every sub-chunk of an extend batch, as a paged prefill's index lists.
+
+    Args:
+        q: [T, H_q, D] the extend's queries, request after request (T = sum of extend_lens).
+        prefix_lens, extend_lens: host ints per request (P and E).
+    Returns:
+        qo_indptr [N + 1] int32 (queries of sub-chunk i are q[qo_indptr[i]:qo_indptr[i+1]]),
+        kv_indptr [N + 1] int32 (cumsum of min(e, budget)), and kv_indices [kv_indptr[N]] int32:
+        each sub-chunk's attended physical slots, init then top-k (ascending) then local, so
+        its own queries are the last entries (bottom-right aligned causal mask).
+    """
+    bounds = [(b, s, e) for b, (p, n) in enumerate(zip(prefix_lens, extend_lens))
+              for s, e in prefill_subchunks_reference(p, n, chunk)]
+    dev = q.device
+    qo_indptr = torch.zeros(len(bounds) + 1, dtype=torch.int32, device=dev)
+    qo_indptr[1:] = torch.cumsum(torch.tensor([e - s for _, s, e in bounds], dtype=torch.long), 0).to(dev)
+    ends = torch.tensor([e for _, _, e in bounds], dtype=torch.long, device=dev)
+    rows = req_pool_indices.long()[torch.tensor([b for b, _, _ in bounds], dtype=torch.long, device=dev)]
+    means = subchunk_mean_queries_reference(q, qo_indptr)
+    votes = vote_scores_reference(means, k_buffer, req_to_token, rows, ends,
+                                  n_init=n_init, n_local=n_local, scale=scale, vote=vote)
+    top = topk_positions_reference(votes, ends, n_init=n_init, n_local=n_local, topk=topk)
+    kv_indptr = kv_indptr_reference(ends, n_init=n_init, n_local=n_local, topk=topk)
+    kv_indices = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=dev)
+    assemble_kv_indices_reference(top, req_to_token, rows, ends, kv_indptr, kv_indices,
+                                  n_init=n_init, n_local=n_local, topk=topk)
+    return qo_indptr, kv_indptr, kv_indices
+
+
+def paged_prefill_attention_reference(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    scale: float,
+    logit_cap: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention of each query segment over the slots listed for it, FlashInfer's
+    paged prefill semantics: query i of a segment of n queries over m slots sees slots
+    ``[0, m - n + i]`` (the mask is aligned at the bottom right).
+
+    Args:
+        q: [T, H_q, D]; k_buffer: [S, H_kv, D]; v_buffer: [S, H_kv, Dv];
+        qo_indptr, kv_indptr: [N + 1]; kv_indices: [kv_indptr[N]].
+    Returns:
+        [T, H_q, Dv] in q's dtype, accumulated in float32.
+    """
+    heads = kv_head_of(q.shape[1], k_buffer.shape[1]).to(q.device)
+    out = torch.empty(q.shape[0], q.shape[1], v_buffer.shape[-1], dtype=q.dtype, device=q.device)
+    for i in range(qo_indptr.numel() - 1):
+        q0, q1 = int(qo_indptr[i]), int(qo_indptr[i + 1])
+        slots = kv_indices[int(kv_indptr[i]) : int(kv_indptr[i + 1])].long()
+        n, m = q1 - q0, slots.numel()
+        keys = k_buffer[slots].float()[:, heads, :]  # [m, H_q, D]
+        values = v_buffer[slots].float()[:, heads, :]
+        logits = torch.einsum("thd,mhd->htm", q[q0:q1].float(), keys) * scale
+        if logit_cap > 0:
+            logits = logit_cap * torch.tanh(logits / logit_cap)
+        visible = torch.arange(m, device=q.device)[None, :] <= (m - n + torch.arange(n, device=q.device))[:, None]
+        logits = logits.masked_fill(~visible, NEG_INF)
+        out[q0:q1] = torch.einsum("htm,mhd->thd", torch.softmax(logits, dim=-1), values).to(q.dtype)
+    return out

@@ -1,8 +1,10 @@
 """The ``tokenselect`` attention backend.
 
-Prefill and extend are dense (the parent backend's). Decode attends, per request and per
-layer, the first ``n_init`` tokens, the ``topk`` tokens chosen by the head soft vote and
-the last ``n_local`` tokens. Two classes share that logic through ``TokenSelectDecodeMixin``:
+Decode attends, per request and per layer, the first ``n_init`` tokens, the ``topk`` tokens
+chosen by the head soft vote and the last ``n_local`` tokens. Prefill and extend are dense
+(the parent backend's), or with ``sparse_prefill`` chunk-wise sparse (``prefill.py``): every
+sub-chunk of ``prefill_chunk`` queries past the budget attends its own selection. Two classes
+share that logic through ``TokenSelectDecodeMixin``:
 
 - ``TokenSelectFlashInferBackend`` (CUDA): FlashInfer's paged decode, planned once per step
   with page size 1 and ``min(L, budget)`` tokens per request; each layer writes its
@@ -26,6 +28,7 @@ from sglang.srt.runtime_context import get_parallel
 
 from sglang_tokenselect.config import TokenSelectConfig
 from sglang_tokenselect.kernels import reference as ref
+from sglang_tokenselect.prefill import SparsePrefillStep, SubchunkPlan, build_step, plan_subchunks, select_subchunks
 from sglang_tokenselect.selection import SelectionCache, SelectionOps, Selector, default_ops
 
 if TYPE_CHECKING:
@@ -114,16 +117,19 @@ class TokenSelectDecodeMixin:
         self.ts_scratch = self._alloc_scratch(model_runner.req_to_token_pool.req_to_token.shape[0])
         self.ts_retired_scratch: list = []
         self.ts_step: Optional[DecodeStep] = None
+        self.ts_prefill: Optional[SparsePrefillStep] = None  # the current sparse extend, if any
+        self.ts_sparse_extends = 0
         self.ts_decode_steps = 0
         self.ts_monitor = self._make_monitor(model_runner)
         logger.info(
             "TokenSelect: n_init=%d topk=%d n_local=%d (budget %d tokens), cache threshold %.3g, "
             "score scale %s, vote %s; Selection Cache %.1f MB for %d pool rows x %d layers; "
-            "selection scratch %.1f MB for %d requests and %d candidates per layer",
+            "selection scratch %.1f MB for %d requests and %d candidates per layer; sparse prefill %s",
             config.n_init, config.topk, config.n_local, config.budget, config.cache_threshold,
             "layer" if config.score_scale is None else config.score_scale, config.vote,
             cache.nbytes / 2**20, cache.valid.shape[1], cache.valid.shape[0],
             self.ts_scratch.nbytes / 2**20, self.ts_scratch.max_batch, self.ts_capacity,
+            f"on, sub-chunks of {config.prefill_chunk}" if config.sparse_prefill else "off",
         )
 
     @property
@@ -147,7 +153,8 @@ class TokenSelectDecodeMixin:
         config = {"n_init": cfg.n_init, "topk": cfg.topk, "n_local": cfg.n_local, "budget": cfg.budget,
                   "cache_threshold": cfg.cache_threshold,
                   "score_scale": "layer" if cfg.score_scale is None else cfg.score_scale,
-                  "vote": cfg.vote, "backend": type(self).__name__}
+                  "vote": cfg.vote, "sparse_prefill": cfg.sparse_prefill, "prefill_chunk": cfg.prefill_chunk,
+                  "backend": type(self).__name__}
         memory = {"selection_cache": self.selection_cache.nbytes,
                   "scratch": self.ts_scratch.nbytes + sum(s.nbytes for s in self.ts_retired_scratch),
                   "scratch_candidates": self.ts_capacity, "scratch_max_batch": self.ts_scratch.max_batch}
@@ -173,6 +180,46 @@ class TokenSelectDecodeMixin:
         # its selections afresh.
         if forward_batch.req_pool_indices is not None and forward_batch.req_pool_indices.numel():
             self.selection_cache.invalidate_rows(forward_batch.req_pool_indices)
+
+    def _plan_sparse_prefill(self, forward_batch: "ForwardBatch") -> Optional[SubchunkPlan]:
+        """The sub-chunk plan of an extend when sparse prefill is on and some sub-chunk ends
+        past the budget; None otherwise (the extend stays dense). Host lengths only."""
+        if not self.ts_config.sparse_prefill or not forward_batch.forward_mode.is_extend():
+            return None
+        prefix, extend = forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu
+        if prefix is None or extend is None:  # not on SGLang's scheduler path: one sync
+            prefix, extend = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
+        plan = plan_subchunks(prefix, extend, self.ts_config, capacity=self.ts_scratch.capacity,
+                              max_rows=self.ts_scratch.max_batch)
+        if not plan.sparse:
+            return None
+        self.ts_sparse_extends += 1
+        logger.debug("TokenSelect sparse extend: %d requests, %d queries, %d sub-chunks in %d selection "
+                     "groups, %d attended keys per layer", len(prefix), plan.num_tokens, plan.num_rows,
+                     len(plan.groups), plan.num_kv)
+        return plan
+
+    def _build_prefill_step(self, plan: Optional[SubchunkPlan], forward_batch: "ForwardBatch",
+                            kv_indptr: Optional[torch.Tensor] = None,
+                            kv_indices: Optional[torch.Tensor] = None) -> Optional[SparsePrefillStep]:
+        if plan is None:
+            return None
+        cache = self.selection_cache
+        return build_step(plan, self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                          query_width=cache.query.shape[-1], topk=self.ts_config.topk, dtype=cache.query.dtype,
+                          kv_indptr=kv_indptr, kv_indices=kv_indices)
+
+    def _select_prefill(self, q: torch.Tensor, layer: "RadixAttention") -> SparsePrefillStep:
+        """This layer's selection of every sub-chunk of the current sparse extend.
+
+        q: [>= T, H_q * D] or [>= T, H_q, D] (rows past the plan's T queries are ignored).
+        The extend's own K/V must already be in the pool.
+        """
+        step = self.ts_prefill
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)[: step.plan.num_tokens]
+        select_subchunks(self.ts_selector.ops, step, q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                         self.ts_scratch, self.ts_config, self.ts_config.scale_for(layer.scaling))
+        return step
 
     def _select(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch") -> DecodeStep:
         step = self.ts_step
@@ -230,6 +277,7 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             self._plan_decode_step(forward_batch)
         elif forward_batch.forward_mode.is_extend():
             self._forget_extended_rows(forward_batch)
+        self.ts_prefill = self._build_prefill_step(self._plan_sparse_prefill(forward_batch), forward_batch)
 
     def _plan_decode_step(self, forward_batch: "ForwardBatch") -> None:
         """Allocate this step's buffers, sized for this batch (eager decode)."""
@@ -246,6 +294,32 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             scratch=self.ts_scratch,
         )
         self._count_decode_step(seq_lens_cpu)
+
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                       save_kv_cache: bool = True):
+        """Dense (parent) unless this extend is sparse: then the PyTorch reference of the
+        sub-chunk selection and of FlashInfer's paged prefill over it."""
+        if self.ts_prefill is None or layer.is_cross_attention:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        step = self._select_prefill(q, layer)
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        n = step.plan.num_tokens
+        out = q3.new_zeros(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
+        out[:n] = ref.paged_prefill_attention_reference(
+            q3[:n],
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            step.plan.qo_indptr,
+            step.kv_indptr,
+            step.kv_indices,
+            layer.scaling,
+            layer.logit_cap,
+        )
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True):
@@ -309,12 +383,70 @@ def _flashinfer_backend_class():
             if forward_batch.forward_mode.is_decode():
                 self._ensure_scratch_rows(forward_batch.batch_size)
                 self._bind_planned_step(self.forward_metadata.decode_wrappers[0], forward_batch)
+            self.ts_prefill = self._plan_sparse_prefill_wrapper(forward_batch)
+
+        # --- sparse prefill (NOT RUN ON A GPU YET: written against FlashInfer's paged prefill
+        # API as SGLang 0.5.17 uses it; the index arithmetic and the selection are the ones the
+        # CPU tests check through TokenSelectTorchBackend and Triton's interpreter) ---------
+
+        def _ts_prefill_wrapper(self):
+            """A paged prefill wrapper of our own on SGLang's workspace, created on first use."""
+            wrapper = getattr(self, "_ts_prefill_wrapper_obj", None)
+            if wrapper is None:
+                from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+                wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD",
+                                                              backend=self.prefill_backend)
+                self._ts_prefill_wrapper_obj = wrapper
+            return wrapper
+
+        def _plan_sparse_prefill_wrapper(self, forward_batch: "ForwardBatch") -> Optional[SparsePrefillStep]:
+            """Plan one paged prefill (page size 1, causal) over all sub-chunks of a sparse
+            extend: ``min(e, budget)`` keys each, whose slots every layer writes into the planned
+            index buffer. The index pointers and last page lengths are host tensors (FlashInfer
+            reads them on the host and copies them to the device): no synchronisation."""
+            plan = self._plan_sparse_prefill(forward_batch)
+            if plan is None:
+                return None
+            device = forward_batch.seq_lens.device
+            updater = self.indices_updater_prefill
+            wrapper = self._ts_prefill_wrapper()
+            wrapper.begin_forward(
+                plan.qo_indptr, plan.kv_indptr,
+                torch.empty(plan.num_kv, dtype=torch.int32, device=device),
+                torch.ones(plan.num_rows, dtype=torch.int32),  # last page lengths, on the host like the indptrs
+                updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
+                causal=True, q_data_type=updater.q_data_type, kv_data_type=updater.data_type,
+                non_blocking=True,
+            )
+            return self._build_prefill_step(plan, forward_batch, kv_indptr=wrapper._paged_kv_indptr_buf,
+                                            kv_indices=wrapper._paged_kv_indices_buf)
+
+        def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                           save_kv_cache: bool = True):
+            if self.ts_prefill is None or layer.is_cross_attention:
+                return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            if k is not None and save_kv_cache:
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+                                                    *self._kv_write_scales(layer))
+            step = self._select_prefill(q, layer)
+            n = step.plan.num_tokens
+            q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
+            o = self._ts_prefill_wrapper().forward(
+                q3[:n].contiguous(), self.token_to_kv_pool.get_kv_buffer(layer.layer_id), causal=True,
+                sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
+                k_scale=layer.k_scale_float, v_scale=layer.v_scale_float,
+            )
+            if n < q3.shape[0]:  # padded query rows (none expected: prefill CUDA graphs are off)
+                o = torch.cat([o, o.new_zeros((q3.shape[0] - n,) + tuple(o.shape[1:]))])
+            return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 
         def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None):
             super().init_cuda_graph_state(max_bs, max_num_tokens, kv_indices_buf)
             self._ensure_scratch_rows(max_bs)
 
         def init_forward_metadata_out_graph(self, forward_batch: "ForwardBatch", in_capture: bool = False):
+            self.ts_prefill = None  # a prefill CUDA graph runs its extends dense
             if forward_batch.forward_mode.is_extend():
                 self._forget_extended_rows(forward_batch)
             super().init_forward_metadata_out_graph(forward_batch, in_capture)

@@ -28,6 +28,12 @@ class TokenSelectConfig:
         vote: ``"soft"`` = head soft vote (sum over heads of per-head softmax, the
             paper's method); ``"sum"`` = plain top-k on the head-summed raw scores
             (the ablation baseline).
+        sparse_prefill: chunk-wise sparse prefill: each sub-chunk of ``prefill_chunk``
+            queries of an extend attends ``n_init`` + the top-k of its mean query's vote +
+            its last ``n_local`` tokens (off: prefill and extend are dense).
+        prefill_chunk: sub-chunk size ``c``, in queries, on absolute positions; with
+            ``sparse_prefill`` it must not exceed ``n_local`` (a sub-chunk's own queries are
+            local).
     """
 
     n_init: int = 128
@@ -36,6 +42,8 @@ class TokenSelectConfig:
     cache_threshold: float = 0.9
     score_scale: Optional[float] = 1.0
     vote: Vote = "soft"
+    sparse_prefill: bool = False
+    prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -79,6 +87,13 @@ def validate_config(cfg: TokenSelectConfig) -> None:
         )
     if cfg.vote not in VOTES:
         raise ValueError(f"--tokenselect-vote must be one of {VOTES}, got {cfg.vote!r}")
+    if not isinstance(cfg.prefill_chunk, int) or cfg.prefill_chunk < 1:
+        raise ValueError(f"--tokenselect-prefill-chunk must be an integer >= 1, got {cfg.prefill_chunk!r}")
+    if cfg.sparse_prefill and cfg.n_local < cfg.prefill_chunk:
+        raise ValueError(
+            f"--tokenselect-sparse-prefill needs --tokenselect-n-local ({cfg.n_local}) >= "
+            f"--tokenselect-prefill-chunk ({cfg.prefill_chunk}): a sub-chunk's queries must lie in its local window"
+        )
 
 
 def parse_score_scale(text: str, option: str = "--tokenselect-score-scale") -> Optional[float]:

@@ -11,6 +11,7 @@ for underscore names).
 from __future__ import annotations
 
 import argparse
+import contextvars
 import logging
 from typing import Any, Callable, Optional
 
@@ -26,6 +27,9 @@ STATS_ATTR = "_tokenselect_stats_interval"
 DEFAULT_MAX_RUNNING_REQUESTS = 256
 
 _DEFAULTS = TokenSelectConfig()
+# The config being parsed, for the resolution hooks that run inside ServerArgs.__post_init__
+# (before from_cli_args can attach it to the object).
+_PENDING_CONFIG: contextvars.ContextVar = contextvars.ContextVar("tokenselect_pending_config", default=None)
 
 
 def int_at_least(option: str, low: int) -> Callable[[str], int]:
@@ -103,9 +107,15 @@ FLAGS = {
         "(the layer's attention scale)."),
     "--tokenselect-vote": (vote_type("--tokenselect-vote"), _DEFAULTS.vote,
                            "soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation)."),
+    "--tokenselect-prefill-chunk": (
+        int_at_least("--tokenselect-prefill-chunk", 1), _DEFAULTS.prefill_chunk,
+        "Sparse prefill sub-chunk size in queries, on absolute positions (<= --tokenselect-n-local)."),
     "--tokenselect-stats-interval": (int_at_least("--tokenselect-stats-interval", 0), 0,
                                      "Log Selection Cache hit/miss counts every N decode steps (0 = never)."),
 }
+
+
+SPARSE_PREFILL_FLAG = "--tokenselect-sparse-prefill"  # takes no value
 
 
 def attribute(flag: str) -> str:
@@ -118,6 +128,10 @@ def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
     for flag, (_, default, help_text) in FLAGS.items():
         shown = "layer" if default is None else default
         group.add_argument(flag, default=None, help=f"{help_text} Default: {shown}.")
+    group.add_argument(SPARSE_PREFILL_FLAG, action="store_true", default=_DEFAULTS.sparse_prefill,
+                       help="Chunk-wise sparse prefill: each sub-chunk of --tokenselect-prefill-chunk queries "
+                            "attends n_init + top-k (its mean query's vote) + n_local tokens. Off by default "
+                            "(no accuracy evidence on a GPU yet).")
 
 
 def parse_tokenselect_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,6 +141,7 @@ def parse_tokenselect_args(args: argparse.Namespace) -> dict[str, Any]:
     for flag, (parse, default, _) in FLAGS.items():
         text = getattr(args, attribute(flag))
         values[attribute(flag)] = default if text is None else parse(text)
+    values[attribute(SPARSE_PREFILL_FLAG)] = bool(getattr(args, attribute(SPARSE_PREFILL_FLAG), False))
     return values
 
 
@@ -140,6 +155,8 @@ def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
         cache_threshold=values["tokenselect_cache_threshold"],
         score_scale=values["tokenselect_score_scale"],
         vote=values["tokenselect_vote"],
+        sparse_prefill=values["tokenselect_sparse_prefill"],
+        prefill_chunk=values["tokenselect_prefill_chunk"],
     )
 
 
@@ -204,7 +221,11 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
         reason = unsupported_reason(args, attention_backends(args))
         if reason:
             raise SystemExit(f"error: {reason}")
-    server_args = original(cls, args, *rest, **kwargs)
+    token = _PENDING_CONFIG.set(config)
+    try:
+        server_args = original(cls, args, *rest, **kwargs)
+    finally:
+        _PENDING_CONFIG.reset(token)
     if config is not None:
         setattr(server_args, CONFIG_ATTR, config)
         setattr(server_args, STATS_ATTR, parse_tokenselect_args(args)["tokenselect_stats_interval"])
@@ -226,7 +247,27 @@ def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
             "TokenSelect: --max-running-requests defaults to %d (the Selection Cache keeps state "
             "per request slot); pass it explicitly to change.", DEFAULT_MAX_RUNNING_REQUESTS,
         )
+    config = getattr(server_args, CONFIG_ATTR, None) or _PENDING_CONFIG.get()
+    if config is not None and config.sparse_prefill:
+        disable_prefill_cuda_graph(server_args)
     return result
+
+
+def disable_prefill_cuda_graph(server_args: Any) -> None:
+    """Sparse prefill plans each extend on the host from its lengths: no prefill CUDA graph.
+    Turned off unless the user chose a prefill graph backend explicitly (then refused)."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
+
+    graphs = getattr(server_args, "cuda_graph_config", None)
+    if graphs is None or graphs.prefill.backend == Backend.DISABLED:
+        return
+    if (Phase.PREFILL, "backend") in getattr(server_args, "_cuda_graph_config_locked", ()):
+        raise ValueError(
+            "--tokenselect-sparse-prefill does not support a prefill CUDA graph "
+            f"(--cuda-graph-backend-prefill {graphs.prefill.backend}); use --cuda-graph-backend-prefill disabled."
+        )
+    logger.info("TokenSelect: sparse prefill turns the prefill CUDA graph (%s) off.", graphs.prefill.backend)
+    graphs.prefill.backend = Backend.DISABLED
 
 
 def after_resolution(result, server_args, *args, **kwargs):

@@ -143,3 +143,32 @@ def test_decode_cuda_graph_replay_with_selection_cache_hits(threshold):
     counts = cap.backend.selection_cache.counts()
     assert counts["misses"] == 2 and counts["hits"] == 2, counts
     torch.testing.assert_close(second, first, atol=0, rtol=0, msg=f"seed {seed}")
+
+
+def test_sparse_extend_flashinfer_attends_its_selection():
+    """Sparse prefill through FlashInfer (written without a GPU; first run pending): the output
+    equals the independent attention of tests/test_sparse_prefill.py over the slots the Triton
+    selection chose (the selection itself is checked there, through Triton's interpreter)."""
+    from test_sparse_prefill import config, contexts, expected_sparse_extend, poison_unowned_slots
+
+    case = extend_case((0, 0, 30), (10, 60, 25), 4, 2, name="gsparse_prefill")
+    run = build(case, fresh_seed(), device="cuda", head_dim=64)
+    fx, cfg = run.fixture, config(chunk=4)
+    backend = type(create_tokenselect_backend(fx.runner))(fx.runner, cfg)
+    poison_unowned_slots(fx, fx.forward_batch)
+    actual = forward(fx, backend)
+    step = backend.ts_prefill
+    r2t = fx.runner.req_to_token_pool.req_to_token.cpu()
+    rows = fx.forward_batch.req_pool_indices.cpu().long()[step.plan.req]
+    indices, indptr = step.kv_indices.cpu(), step.kv_indptr.cpu()
+
+    def top_of(b, s, e):
+        i = int(((step.plan.req == b) & (step.plan.start == s) & (step.plan.end == e)).nonzero())
+        slot_to_pos = {int(r2t[int(rows[i]), p]): p for p in range(e)}
+        slots = indices[int(indptr[i]) + cfg.n_init : int(indptr[i + 1]) - cfg.n_local]
+        return torch.tensor([slot_to_pos[int(x)] for x in slots])
+
+    expected = expected_sparse_extend(fx, contexts(fx, case.prefix_lens), case.prefix_lens, case.extend_lens, cfg,
+                                      top_of=top_of)
+    assert torch.isfinite(actual).all(), f"seed {run.seed}"
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=f"seed {run.seed}")

@@ -44,6 +44,10 @@ def test_flags_parse_into_the_config():
         n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum")
     assert parse_tokenselect_args(args)["tokenselect_stats_interval"] == 100
     assert config_from_namespace(parse()) == TokenSelectConfig()  # defaults: 128 + 2048 + 512, θ 0.9
+    defaults = config_from_namespace(parse())
+    assert (defaults.sparse_prefill, defaults.prefill_chunk) == (False, 512)
+    sparse = config_from_namespace(parse("--tokenselect-sparse-prefill", "--tokenselect-prefill-chunk", "256"))
+    assert (sparse.sparse_prefill, sparse.prefill_chunk) == (True, 256)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,8 @@ def test_flags_parse_into_the_config():
         ("--tokenselect-score-scale", "big", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-vote", "hard", "--tokenselect-vote must be one of soft, sum, got 'hard'"),
         ("--tokenselect-stats-interval", "-5", "--tokenselect-stats-interval must be >= 0"),
+        ("--tokenselect-prefill-chunk", "0", "--tokenselect-prefill-chunk must be >= 1"),
+        ("--tokenselect-prefill-chunk", "half", "--tokenselect-prefill-chunk must be an integer"),
     ],
 )
 def test_bad_values_fail_in_one_line_naming_the_option(flag, value, message):
@@ -84,6 +90,8 @@ def test_unknown_backend_is_refused_by_sglang(capsys):
     (dict(cache_threshold=-1.5), "--tokenselect-cache-threshold"),
     (dict(n_local=0), "--tokenselect-n-local"),
     (dict(vote="max"), "--tokenselect-vote"),
+    (dict(prefill_chunk=0), "--tokenselect-prefill-chunk"),
+    (dict(sparse_prefill=True, n_local=256, prefill_chunk=512), "--tokenselect-n-local .256. >= --tokenselect-prefill-chunk .512."),
 ])
 def test_config_dataclass_validates_too(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -186,6 +194,26 @@ def test_decode_only_disaggregation_is_refused_by_name():
         check_server_args_supported(args)
     args.disaggregation_mode = "null"
     check_server_args_supported(args)
+
+
+def test_sparse_prefill_needs_the_local_window_to_hold_a_sub_chunk(tiny_model):
+    assert TokenSelectConfig(n_local=256, prefill_chunk=512).prefill_chunk == 512  # off: allowed
+    with pytest.raises(ValueError, match="--tokenselect-sparse-prefill needs --tokenselect-n-local"):
+        server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill",
+                    "--tokenselect-n-local", "128")
+
+
+def test_sparse_prefill_turns_the_prefill_cuda_graph_off(tiny_model):
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill")
+    assert sa._tokenselect_config.sparse_prefill
+    assert sa.cuda_graph_config.prefill.backend == Backend.DISABLED
+    with pytest.raises(ValueError, match="--tokenselect-sparse-prefill does not support a prefill CUDA graph"):
+        server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill",
+                    "--cuda-graph-backend-prefill", "tc_piecewise")
+    plain = server_args(tiny_model, "--attention-backend", "tokenselect", "--cuda-graph-backend-prefill", "tc_piecewise")
+    assert plain.cuda_graph_config.prefill.backend == Backend.TC_PIECEWISE  # sparse prefill off: untouched
 
 
 def test_launch_server_defaults_to_tokenselect():
