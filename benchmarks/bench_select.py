@@ -10,7 +10,8 @@ topk=2048; B in {1, 4, 16} x L in {32K, 128K, 512K} (``--quick``: B in {1, 4}, L
    K-read floor of a miss layer is ``B * C * H_kv * D * 2`` bytes at that bandwidth.
 3. Per (B, L), each captured in a CUDA graph and timed with ``triton.testing.do_bench``
    (median; L2 flushed before each replay):
-   - miss layer (threshold 1: every row selects), one layer per graph replay, cold L2;
+   - miss layer (threshold 1: every row selects), one layer per graph replay, cold L2; again
+     with q and K scaled by 1e-3 so that every vote of a row ties (the e2e bench's dummy weights);
    - hit layer (threshold -1, cached selections valid) and dense layer (L = 2048 <= budget):
      per layer within a graph of ``LAYERS_PER_GRAPH`` layer calls (as in a decode step:
      launch gaps, no graph-launch cost), and one layer per replay;
@@ -46,6 +47,7 @@ BATCHES = (1, 4, 16)
 CONTEXTS = (32 * 1024, 128 * 1024, 512 * 1024)
 QUICK_BATCHES, QUICK_CONTEXTS = (1, 4), (32 * 1024, 128 * 1024)
 DENSE_LEN = 2048
+TIED_SCALE = 1e-3  # q and K scaled so that all votes tie (the e2e bench's dummy weights)
 LAYERS_PER_GRAPH = 16
 WARMUP_MS, REP_MS = 10, 40
 DEVICE = "cuda"
@@ -250,6 +252,11 @@ def bench_row(batch, seq_len, copy_bw):
     args = (inputs["q"], inputs["k_buffer"], v_buffer, inputs["req_to_token"], inputs["req_pool_indices"])
     row["flashinfer_dense_us"] = graph_us(dense_decode_fn(*args, seq_len))
     row["flashinfer_budget_us"] = graph_us(dense_decode_fn(*args, BUDGET))
+    # SGLang's dummy weights (U(-1e-3, 1e-3)) make q and k tiny: every vote of a row equal.
+    inputs["q"].mul_(TIED_SCALE)
+    inputs["k_buffer"].mul_(TIED_SCALE)
+    row["miss_tied_us"] = graph_us(layer_fn(inputs, cache, scratch, 1.0))
+    row["tie_lists_tied"] = scratch.radix[:batch, ts.RADIX_COUNTERS:ts.RADIX_COUNTERS + 4].tolist()
     row["miss_over_floor"] = row["miss_us"] / row["floor_us"]
     row["miss_target_us"] = 1.15 * row["floor_us"] + 5
     del inputs, cache, scratch, v_buffer
@@ -368,7 +375,7 @@ def main(argv=None):
             r = rows[-1]
             print(f"  B={batch} L={seq_len // 1024}K: miss {r['miss_us']:.1f} µs (floor {r['floor_us']:.1f}) "
                   f"{r['miss_stages_us']}, hit {r['hit_us_in_graph']:.1f} µs {r['hit_stages_us']}, "
-                  f"FlashInfer {r['flashinfer_dense_us']:.1f} µs", flush=True)
+                  f"FlashInfer {r['flashinfer_dense_us']:.1f} µs; tied votes: miss {r['miss_tied_us']:.1f} µs", flush=True)
     print_table(rows, dense_rows, empty_us, copy_bw)
     sweep = sweep_rows() if args.sweep else []
     result = dict(

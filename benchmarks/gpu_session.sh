@@ -141,7 +141,7 @@ for s in "$@"; do
     e2e-nocg) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --backends flashinfer@nocg \
            --compare-with "$PREV/e2e.json" --time-budget "${E2E_BUDGET:-540}" ;;
     e2e-quick) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --quick ;;
-    accuracy) step accuracy python3 benchmarks/accuracy_gpu.py --gguf "$GGUF" --out-dir "$OUT" --time-budget "${ACC_BUDGET:-540}" ;;
+    accuracy) step accuracy python3 benchmarks/accuracy_gpu.py --gguf "$GGUF" --out-dir "$OUT" --time-budget "${ACC_BUDGET:-540}" ${ACC_ARGS:-} ;;
     # ~30-60 s (xz of the compiled modules); run alone, after servers of every backend ran.
     jit-save) step jit_save jit_save ;;
     # ~10 s; before the first server of a fresh machine, e.g. `jit-restore e2e-bs1-a`.
