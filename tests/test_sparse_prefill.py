@@ -219,7 +219,7 @@ def expected_sparse_extend(fx, hidden_per_req, prefix_lens, extend_lens, cfg, to
     group = m.num_heads // m.num_kv_heads
     outs = []
     for b, (hidden, p, n) in enumerate(zip(hidden_per_req, prefix_lens, extend_lens)):
-        q, k, v = m.project_qkv(hidden)
+        q, k, v = (x.cpu() for x in m.project_qkv(hidden))  # the reference runs on the CPU
         q = q.view(-1, m.num_heads, m.head_dim).float()
         keys = k.view(-1, m.num_kv_heads, m.head_dim).float().repeat_interleave(group, dim=1)  # [L, H_q, D]
         values = v.view(-1, m.num_kv_heads, m.head_dim).float().repeat_interleave(group, dim=1)
@@ -238,7 +238,7 @@ def expected_sparse_extend(fx, hidden_per_req, prefix_lens, extend_lens, cfg, to
                 keep = chosen[chosen <= pos]
                 logits = torch.einsum("hd,jhd->hj", q[pos], keys[keep]) * m.scaling
                 outs.append(torch.einsum("hj,jhd->hd", torch.softmax(logits, 1), values[keep]).reshape(-1))
-    return m.reconstruct_output(torch.stack(outs).to(hidden_per_req[0].dtype))
+    return m.reconstruct_output(torch.stack(outs).to(hidden_per_req[0]))
 
 
 def poison_unowned_slots(fx, batch) -> None:
