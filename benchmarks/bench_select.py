@@ -53,7 +53,7 @@ WARMUP_MS, REP_MS = 10, 40
 DEVICE = "cuda"
 KW = dict(n_init=N_INIT, n_local=N_LOCAL, topk=TOPK, scale=1.0, vote="soft")
 # Launch configs tried by --sweep: module constants of triton_select -> values.
-SWEEP = [dict(SCORE_PROGRAMS_PER_SM=6, SCORE_STAGES=4), dict(VOTE_TILES=4), dict(VOTE_PROGRAMS_PER_SM=8),
+SWEEP = [dict(SCORE_STAGES=4), dict(SCORE_STAGES=2), dict(SCORE_PROGRAMS_PER_SM=2), dict(VOTE_TILES=4),
          dict(SELECT_MAX_SPLIT=16), dict(SELECT_MAX_SPLIT=128)]
 
 
@@ -63,6 +63,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=f"benchmarks/results/select_h200_{today}.json")
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--quick", action="store_true", help="B in {1, 4}, L in {32K, 128K}")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time the select launch cut after each phase, and the score pass without "
+                             "its tile minimum, at B in {1, 4} x L in {32K, 128K} (measurement knobs of triton_select)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the launch configs of SWEEP at B in {1, 4}, L=128K")
     return parser.parse_args(argv)
@@ -270,18 +273,43 @@ def sweep_rows():
     for batch in (1, 4):
         inputs, cache, scratch, _ = make_layer(batch, 128 * 1024)
         for config in SWEEP:
-            saved = {k: getattr(ts, k) for k in config}
-            for k, v in config.items():
-                setattr(ts, k, v)
-            try:
-                out.append(dict(B=batch, L=128 * 1024, config=config,
-                                stages_us=stage_breakdown(inputs, cache, scratch, 1.0)))
-            finally:
-                for k, v in saved.items():
-                    setattr(ts, k, v)
+            out.append(dict(B=batch, L=128 * 1024, config=config,
+                            stages_us=with_knobs(config, lambda: stage_breakdown(inputs, cache, scratch, 1.0))))
             print(f"  sweep B={batch} {config}: {out[-1]['stages_us']}", flush=True)
         del inputs, cache, scratch
         torch.cuda.empty_cache()
+    return out
+
+
+def with_knobs(knobs: dict, fn):
+    """``fn()`` with module constants of triton_select set to ``knobs`` (restored after)."""
+    saved = {k: getattr(ts, k) for k in knobs}
+    try:
+        for k, v in knobs.items():
+            setattr(ts, k, v)
+        return fn()
+    finally:
+        for k, v in saved.items():
+            setattr(ts, k, v)
+
+
+def phase_rows():
+    """Where a miss layer's select and score time goes: µs of the launches up to the vote, then
+    of all five with the select cut after phase u (SELECT_UNTIL = u: 1 first-level bucket, 2
+    split, 3 tie-list finish, 4 whole), and of gate + score with and without the tile minimum."""
+    out = []
+    for batch in (1, 4):
+        for seq_len in (32 * 1024, 128 * 1024):
+            inputs, cache, scratch, _ = make_layer(batch, seq_len)
+            prefix = lambda n: graph_us(stage_prefix_fn(inputs, cache, scratch, 1.0, n)[0])  # noqa: E731
+            row = dict(B=batch, L=seq_len, up_to_vote_us=prefix(4),
+                       select_until_us={u: with_knobs(dict(SELECT_UNTIL=u), lambda: prefix(5)) for u in (1, 2, 3, 4)},
+                       gate_score_us=prefix(2),
+                       gate_score_no_tile_min_us=with_knobs(dict(SCORE_TILE_MIN=False), lambda: prefix(2)))
+            out.append(row)
+            print(f"  phases B={batch} L={seq_len // 1024}K: {row}", flush=True)
+            del inputs, cache, scratch
+            torch.cuda.empty_cache()
     return out
 
 
@@ -378,6 +406,7 @@ def main(argv=None):
                   f"FlashInfer {r['flashinfer_dense_us']:.1f} µs; tied votes: miss {r['miss_tied_us']:.1f} µs", flush=True)
     print_table(rows, dense_rows, empty_us, copy_bw)
     sweep = sweep_rows() if args.sweep else []
+    phases = phase_rows() if args.phases else []
     result = dict(
         device=torch.cuda.get_device_name(), versions=versions(),
         command="python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
@@ -385,6 +414,8 @@ def main(argv=None):
         config=dict(H_q=H_Q, H_kv=H_KV, D=HEAD_DIM, dtype=str(DTYPE), n_init=N_INIT, n_local=N_LOCAL,
                     topk=TOPK, layers_per_graph=LAYERS_PER_GRAPH),
         copy_bandwidth_Bps=copy_bw, empty_graph_us=empty_us, rows=rows, dense_rows=dense_rows, sweep=sweep,
+        phases=phases,
+        resident_per_sm={f"{name} {dict(consts)}": n for (name, consts, _), n in ts._RESIDENT.items()},
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

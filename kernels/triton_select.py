@@ -75,6 +75,12 @@ SCORE_STAGES = 3
 SCORE_WARPS = None  # None: 4 for BLOCK_N * D <= 8192, else 8
 SELECT_MAX_SPLIT = 64
 VOTE_PROGRAMS_PER_SM = 4
+# Measurement knobs for benchmarks/bench_select.py --phases only (wrong selections otherwise):
+# SCORE_TILE_MIN False skips the score pass's tile minimum (prices it); SELECT_UNTIL < 4 ends
+# the select launch early: 1 after the row's first-level bucket, 2 after the split, 3 after
+# the last program's tie-list finish (4: the whole launch).
+SCORE_TILE_MIN = True
+SELECT_UNTIL = 4
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM; the launcher asks the device when it is a GPU
 # Triton's CPU interpreter (used by the tests) cannot tl.dot bf16 blocks: upcast there only.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -167,6 +173,34 @@ def _num_sms(device) -> int:
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _NUM_SMS[idx]
+
+
+# Programs of a compiled kernel that fit on one SM at once, by (kernel, constexprs, device):
+# learnt from its first launch (ptxas's register count), used to cap later persistent grids.
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
+    """How many programs of a kernel (``n_regs`` registers per thread, ``shared`` bytes of
+    shared memory) one SM of a device with properties ``props`` holds at once."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256  # allocated per warp, in units of 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    by_shared = getattr(props, "shared_memory_per_multiprocessor", 233472) // shared if shared else by_threads
+    return max(1, min(by_regs, by_threads, by_shared))
+
+
+def _launch_persistent(kernel, wanted_per_sm: int, work: int, device, num_warps: int, args, consts) -> None:
+    """Launch a persistent kernel (any grid computes the same result) on at most
+    ``wanted_per_sm`` programs per SM, and never more than fit at once: a program that does not
+    fit would start its share only after the first wave ends, at a fraction of the bandwidth."""
+    device = torch.device(device)
+    key = (kernel.fn.__name__, tuple(sorted(consts.items())), device.index)
+    per_sm = min(wanted_per_sm, _RESIDENT.get(key, wanted_per_sm))
+    compiled = kernel[(max(1, min(per_sm * _num_sms(device), work)),)](*args, num_warps=num_warps, **consts)
+    if key not in _RESIDENT and device.type == "cuda" and hasattr(compiled, "n_regs"):
+        props = torch.cuda.get_device_properties(device if device.index is not None else torch.cuda.current_device())
+        _RESIDENT[key] = _resident_per_sm(int(compiled.n_regs), int(compiled.metadata.shared), num_warps, props)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -304,7 +338,7 @@ def _score_kernel(
     batch, n_init, n_local, cap_tiles, scale,
     NUM_KV: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, STAGES: tl.constexpr,
-    SUM_VOTE: tl.constexpr, DOT_F32: tl.constexpr,
+    SUM_VOTE: tl.constexpr, DOT_F32: tl.constexpr, TILE_MIN: tl.constexpr = True,
 ):
     """Work item = (tile, kv head), kv head fastest (programs running together read whole
     slot rows); program i takes items i, i + P, ... For the sum vote, item = tile."""
@@ -357,7 +391,8 @@ def _score_kernel(
                      p.to(tl.bfloat16), mask=mask_g[None, :])
             stat = heads.to(tl.int64) * stride_th + tile
             tl.store(tmax_ptr + stat, m, mask=mask_g)
-            tl.store(tmin_ptr + stat, tl.min(tl.where(mask_n[:, None], s, float("inf")), axis=0), mask=mask_g)
+            if TILE_MIN:
+                tl.store(tmin_ptr + stat, tl.min(tl.where(mask_n[:, None], s, float("inf")), axis=0), mask=mask_g)
             tl.store(tsum_ptr + stat, tl.sum(p, axis=0), mask=mask_g)
 
 
@@ -650,7 +685,7 @@ def _select_kernel(
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
     BLOCK: tl.constexpr, LIST_MAX: tl.constexpr, BITS: tl.constexpr,
     SOFT: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    FLAT_PAD: tl.constexpr,
+    FLAT_PAD: tl.constexpr, UNTIL: tl.constexpr = 4,
 ):
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -682,8 +717,12 @@ def _select_kernel(
     klo = tl.load(ctr + 3, cache_modifier=".cg").to(tl.uint32, bitcast=True)
     shift = tl.load(ctr + 4, cache_modifier=".cg").to(tl.uint32, bitcast=True)
     exact = SOFT & (shift == 0) & (d >= 1) & (d <= 254)
+    if UNTIL == 1:
+        return
     _split_first_level(vote_ptr + row_off, _pick(rows, b, cnt), key_a, pos_a, ctr, cpos_row, d, k, klo, shift,
                        exact, s, n_init, topk, SPLIT, BLOCK, SOFT)
+    if UNTIL == 2:
+        return
     tl.debug_barrier()
     if tl.atomic_add(ctr + 2, 1, sem="acq_rel") != SPLIT - 1:
         return
@@ -693,6 +732,8 @@ def _select_kernel(
                          _unflip(tl.load(ctr + 5, cache_modifier=".cg")),
                          _unflip(tl.load(ctr + 6, cache_modifier=".cg")), cpos_row + (topk - k), k,
                          LIST_MAX, BLOCK, BITS)
+    if UNTIL == 3:
+        return
     tl.debug_barrier()
     out = kv_ptr + tl.load(indptr_ptr + b).to(tl.int64) + n_init
     _gather_slots(out, r2t_ptr + row * stride_r2t, cpos_row, topk, BLOCK)
@@ -800,15 +841,17 @@ def decode_select_stages(
         )
 
     def score():
-        _score_kernel[(min(SCORE_PROGRAMS_PER_SM * sms, cap_tiles * per_tile),)](
-            q, k_buffer, req_to_token, req_pool_indices, seq_lens, sc.miss,
-            sc.probs, sc.tile_max, sc.tile_min, sc.tile_sum, sc.votes,
-            q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
-            sc.tile_max.stride(0), *layout, float(scale),
-            NUM_KV=num_kv_heads, NUM_HEADS=num_q_heads, GROUP=group,
-            G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
-            B_PAD=b_pad, STAGES=SCORE_STAGES, SUM_VOTE=sum_vote, DOT_F32=_INTERPRETED,
-            num_warps=SCORE_WARPS or (4 if BLOCK_N * head_dim <= 8192 else 8),
+        _launch_persistent(
+            _score_kernel, SCORE_PROGRAMS_PER_SM, cap_tiles * per_tile, q.device,
+            SCORE_WARPS or (4 if BLOCK_N * head_dim <= 8192 else 8),
+            (q, k_buffer, req_to_token, req_pool_indices, seq_lens, sc.miss,
+             sc.probs, sc.tile_max, sc.tile_min, sc.tile_sum, sc.votes,
+             q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), req_to_token.stride(0),
+             sc.tile_max.stride(0), *layout, float(scale)),
+            dict(NUM_KV=num_kv_heads, NUM_HEADS=num_q_heads, GROUP=group,
+                 G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
+                 B_PAD=b_pad, STAGES=SCORE_STAGES, SUM_VOTE=sum_vote, DOT_F32=_INTERPRETED,
+                 TILE_MIN=SCORE_TILE_MIN),
         )
 
     def lse():
@@ -820,12 +863,13 @@ def decode_select_stages(
         )
 
     def vote_pass():
-        _vote_kernel[(min(VOTE_PROGRAMS_PER_SM * sms, triton.cdiv(cap_tiles, VOTE_TILES)),)](
-            sc.probs, sc.tile_max, sc.lse, sc.bounds, sc.votes, seq_lens, sc.miss, sc.radix,
-            sc.lse.stride(0), sc.bounds.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout,
-            NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
-            VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote,
-            CTR=RADIX_COUNTERS, H_PAD=triton.next_power_of_2(num_q_heads), num_warps=4,
+        _launch_persistent(
+            _vote_kernel, VOTE_PROGRAMS_PER_SM, triton.cdiv(cap_tiles, VOTE_TILES), q.device, 4,
+            (sc.probs, sc.tile_max, sc.lse, sc.bounds, sc.votes, seq_lens, sc.miss, sc.radix,
+             sc.lse.stride(0), sc.bounds.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout),
+            dict(NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
+                 VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote,
+                 CTR=RADIX_COUNTERS, H_PAD=triton.next_power_of_2(num_q_heads)),
         )
 
     def select():
@@ -838,7 +882,7 @@ def decode_select_stages(
             batch, n_init, n_local, topk, cap_tiles, flat_dim,
             SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK,
             LIST_MAX=SELECT_LIST_MAX, BITS=RADIX_BITS, SOFT=not sum_vote, CTR=RADIX_COUNTERS,
-            GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, num_warps=8,
+            GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, UNTIL=SELECT_UNTIL, num_warps=8,
         )
 
     stages = [("gate", gate), ("score", score)] + ([] if sum_vote else [("lse", lse)])

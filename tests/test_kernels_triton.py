@@ -11,6 +11,7 @@ by value threshold, not by order.
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -272,3 +273,18 @@ def test_rows_of_equal_or_nearly_equal_votes(monkeypatch, vote, keys):
         radix = scratch.radix.cpu()
         assert (radix[:, ts.RADIX_COUNTERS + 1] == 0).all() and (radix[:, ts.RADIX_COUNTERS + 7] > 0).all(), \
             f"equal votes went through a tie list: {radix[:, ts.RADIX_COUNTERS:].tolist()} seed {seed}"
+
+
+@pytest.mark.parametrize("n_regs, shared, num_warps, expected", [
+    (168, 21008, 4, 3),   # the score pass on sm_90: registers allow 3 of the 4 programs asked for
+    (148, 4096, 4, 3),    # the vote pass
+    (128, 21008, 4, 4),
+    (160, 1024, 8, 1),    # the select launch
+    (32, 0, 4, 16),       # threads bound (2,048 per SM)
+    (32, 100_000, 4, 2),  # shared memory bound
+])
+def test_resident_programs_per_sm(n_regs, shared, num_warps, expected):
+    """Persistent grids are capped at the programs an SM holds at once (H100/H200 limits)."""
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                                  shared_memory_per_multiprocessor=233472)
+    assert ts._resident_per_sm(n_regs, shared, num_warps, props) == expected
