@@ -64,8 +64,9 @@ def parse_args(argv=None):
     parser.add_argument("--plot", action="store_true", help="write a PNG beside the JSON")
     parser.add_argument("--quick", action="store_true", help="B in {1, 4}, L in {32K, 128K}")
     parser.add_argument("--phases", action="store_true",
-                        help="also time the select launch cut after each phase, and the score pass without "
-                             "its tile minimum, at B in {1, 4} x L in {32K, 128K} (measurement knobs of triton_select)")
+                        help="also time the select launch cut after each phase, the score pass without its "
+                             "tile minimum, and layers without programmatic dependent launch, at B in {1, 4} x "
+                             "L in {32K, 128K} (measurement knobs of triton_select)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the launch configs of SWEEP at B in {1, 4}, L=128K")
     return parser.parse_args(argv)
@@ -293,19 +294,29 @@ def with_knobs(knobs: dict, fn):
             setattr(ts, k, v)
 
 
+def layer_costs(inputs, cache, scratch) -> dict:
+    """µs per layer of a miss and of a hit layer, within a graph of LAYERS_PER_GRAPH layers."""
+    miss = graph_us(layer_fn(inputs, cache, scratch, 1.0, LAYERS_PER_GRAPH)) / LAYERS_PER_GRAPH
+    hit = graph_us(layer_fn(inputs, cache, scratch, -1.0, LAYERS_PER_GRAPH)) / LAYERS_PER_GRAPH
+    return dict(miss_us_in_graph=miss, hit_us_in_graph=hit)
+
+
 def phase_rows():
     """Where a miss layer's select and score time goes: µs of the launches up to the vote, then
     of all five with the select cut after phase u (SELECT_UNTIL = u: 1 first-level bucket, 2
-    split, 3 tie-list finish, 4 whole), and of gate + score with and without the tile minimum."""
+    split, 3 tie-list finish, 4 whole), of gate + score with and without the tile minimum, and
+    miss and hit layers with and without programmatic dependent launch."""
     out = []
     for batch in (1, 4):
         for seq_len in (32 * 1024, 128 * 1024):
-            inputs, cache, scratch, _ = make_layer(batch, seq_len)
+            inputs, cache, scratch, _ = make_layer(batch, seq_len, layers=LAYERS_PER_GRAPH)
             prefix = lambda n: graph_us(stage_prefix_fn(inputs, cache, scratch, 1.0, n)[0])  # noqa: E731
             row = dict(B=batch, L=seq_len, up_to_vote_us=prefix(4),
                        select_until_us={u: with_knobs(dict(SELECT_UNTIL=u), lambda: prefix(5)) for u in (1, 2, 3, 4)},
                        gate_score_us=prefix(2),
                        gate_score_no_tile_min_us=with_knobs(dict(SCORE_TILE_MIN=False), lambda: prefix(2)))
+            row["pdl_off"] = with_knobs(dict(USE_PDL=False), lambda: layer_costs(inputs, cache, scratch))
+            row["pdl_on"] = layer_costs(inputs, cache, scratch)
             out.append(row)
             print(f"  phases B={batch} L={seq_len // 1024}K: {row}", flush=True)
             del inputs, cache, scratch
@@ -403,7 +414,8 @@ def main(argv=None):
             r = rows[-1]
             print(f"  B={batch} L={seq_len // 1024}K: miss {r['miss_us']:.1f} µs (floor {r['floor_us']:.1f}) "
                   f"{r['miss_stages_us']}, hit {r['hit_us_in_graph']:.1f} µs {r['hit_stages_us']}, "
-                  f"FlashInfer {r['flashinfer_dense_us']:.1f} µs; tied votes: miss {r['miss_tied_us']:.1f} µs", flush=True)
+                  f"FlashInfer {r['flashinfer_dense_us']:.1f} µs; tied votes: miss {r['miss_tied_us']:.1f} µs",
+                  flush=True)
     print_table(rows, dense_rows, empty_us, copy_bw)
     sweep = sweep_rows() if args.sweep else []
     phases = phase_rows() if args.phases else []

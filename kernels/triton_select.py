@@ -13,7 +13,8 @@ sized from static shapes only (CUDA-graph capturable):
    miss rows only, reads each candidate key once, stores ``exp2(s - m_tile)`` in bf16 plus
    the tile max / min / sum-exp per head (soft vote), or the head-summed score (sum vote).
 3. ``_lse_kernel``     grid (H_q, B): each head's log-sum-exp over its row's candidates, and
-   the head's vote bounds ``exp2(min - lse)``, ``exp2(max - lse)``.
+   the bounds of the head's vote terms (the smallest term the vote kernel forms, with its
+   bf16 rounding, and ``exp2(max - lse)``).
 4. ``_vote_kernel``    persistent: ``v_j = sum_h p_hj exp2(m_tile,h - lse_h)`` and the
    histogram of the votes' first-level buckets: linear in key space between the row's vote
    bounds (the sums of the heads' bounds), so a row of near-equal votes gets buckets a few
@@ -49,6 +50,7 @@ from typing import Callable
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from sglang_tokenselect.kernels.reference import COUNTERS, check_threshold
 
@@ -81,6 +83,9 @@ VOTE_PROGRAMS_PER_SM = 4
 # the last program's tie-list finish (4: the whole launch).
 SCORE_TILE_MIN = True
 SELECT_UNTIL = 4
+# Programmatic dependent launch of the five kernels on Hopper and later (launch latencies
+# overlap; see _after_previous_kernel). A knob so the benchmark can price it.
+USE_PDL = True
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM; the launcher asks the device when it is a GPU
 # Triton's CPU interpreter (used by the tests) cannot tl.dot bf16 blocks: upcast there only.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -100,7 +105,8 @@ class DecodeScratch:
         probs      [T, H_q, BLOCK_N] bf16, ``exp2(s2 - m_tile)`` (s2 = scaled score in log2 units)
         tile_max, tile_min, tile_sum  [H_q, T] fp32 (head-major: the log-sum-exp reads rows)
         lse        [Bm, H_q] fp32, ``log2 sum_j exp2(s2_j)`` per head
-        bounds     [Bm, 2, H_q] fp32, ``exp2(min_j s2_j - lse)`` and ``exp2(max_j s2_j - lse)``
+        bounds     [Bm, 2, H_q] fp32, min_j bf16(exp2(s2_j - m_tile)) exp2(m_tile - lse) and
+                   ``exp2(max_j s2_j - lse)``
                    per head: their sums over heads bound every soft vote of the row
         votes      [T * BLOCK_N] fp32, the miss rows' votes end to end
         tie_key, tie_pos, tie_key2, tie_pos2  [T * BLOCK_N] int32, the select kernel's tie
@@ -190,6 +196,25 @@ def _resident_per_sm(n_regs: int, shared: int, num_warps: int, props) -> int:
     return max(1, min(by_regs, by_threads, by_shared))
 
 
+_PDL: dict = {}
+
+
+def _uses_pdl(device) -> bool:
+    """Whether the kernels launch with programmatic dependent launch on ``device`` (sm_90+)."""
+    device = torch.device(device)
+    if not USE_PDL or _INTERPRETED or device.type != "cuda":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL:
+        _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL[idx]
+
+
+def _pdl_options(pdl: bool) -> dict:
+    """Launch options of a kernel call (the interpreter takes none)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def _launch_persistent(kernel, wanted_per_sm: int, work: int, device, num_warps: int, args, consts) -> None:
     """Launch a persistent kernel (any grid computes the same result) on at most
     ``wanted_per_sm`` programs per SM, and never more than fit at once: a program that does not
@@ -197,7 +222,8 @@ def _launch_persistent(kernel, wanted_per_sm: int, work: int, device, num_warps:
     device = torch.device(device)
     key = (kernel.fn.__name__, tuple(sorted(consts.items())), device.index)
     per_sm = min(wanted_per_sm, _RESIDENT.get(key, wanted_per_sm))
-    compiled = kernel[(max(1, min(per_sm * _num_sms(device), work)),)](*args, num_warps=num_warps, **consts)
+    compiled = kernel[(max(1, min(per_sm * _num_sms(device), work)),)](
+        *args, num_warps=num_warps, **_pdl_options(consts.get("PDL", False)), **consts)
     if key not in _RESIDENT and device.type == "cuda" and hasattr(compiled, "n_regs"):
         props = torch.cuda.get_device_properties(device if device.index is not None else torch.cuda.current_device())
         _RESIDENT[key] = _resident_per_sm(int(compiled.n_regs), int(compiled.metadata.shared), num_warps, props)
@@ -222,6 +248,18 @@ def _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
     tiles = tl.where(fits, tiles, 0)
     firsts = tl.cumsum(tiles, axis=0) - tiles
     return rows, cnt, tiles, firsts, overflow
+
+
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch (Hopper+), a kernel's programs may start while the
+    previous kernel of the stream finishes: wait here, before any memory access, until it has
+    completed and its writes are visible, then let the next kernel start the same way. Each
+    kernel of the pipeline calls this first, so the order of all their memory accesses is
+    that of plain launches; only the launch latencies overlap."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -289,8 +327,9 @@ def _gate_kernel(
     stride_qb, stride_qh, stride_r2t, stride_cq, stride_cpos, stride_rb,
     n_init, n_local, topk, threshold, flat_dim,
     HEAD_DIM: tl.constexpr, FLAT_PAD: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-    RADIX_WORDS: tl.constexpr, CTR: tl.constexpr,
+    RADIX_WORDS: tl.constexpr, CTR: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _after_previous_kernel(PDL)
     s = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(seq_ptr + b).to(tl.int32)
@@ -339,9 +378,11 @@ def _score_kernel(
     NUM_KV: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, STAGES: tl.constexpr,
     SUM_VOTE: tl.constexpr, DOT_F32: tl.constexpr, TILE_MIN: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
     """Work item = (tile, kv head), kv head fastest (programs running together read whole
     slot rows); program i takes items i, i + P, ... For the sum vote, item = tile."""
+    _after_previous_kernel(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows, cnt, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
@@ -404,10 +445,11 @@ def _lse_kernel(
     tmax_ptr, tmin_ptr, tsum_ptr, lse_ptr, bounds_ptr, seq_ptr, miss_ptr, stride_lb, stride_bb, stride_th,
     batch, n_init, n_local, cap_tiles,
     NUM_HEADS: tl.constexpr, HEADS: tl.constexpr, TILES: tl.constexpr,
-    BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Each head's log-sum-exp over its row's candidates, and the head's vote bounds
-    ``exp2(min - lse)``, ``exp2(max - lse)`` (``bounds[b, 0 / 1, h]``)."""
+    """Each head's log-sum-exp over its row's candidates, and the bounds of the head's vote
+    terms: the smallest term the vote kernel forms and ``exp2(max - lse)`` (``bounds[b, 0 / 1, h]``)."""
+    _after_previous_kernel(PDL)
     hc = tl.program_id(0)
     b = tl.program_id(1)
     rows, _, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
@@ -420,7 +462,6 @@ def _lse_kernel(
     mask_h = heads < NUM_HEADS
     run_max = tl.full((HEADS,), -1.0e30, tl.float32)  # finite: the first rescale is 0, not NaN
     run_sum = tl.zeros((HEADS,), tl.float32)
-    run_min = tl.full((HEADS,), float("inf"), tl.float32)
     for t0 in range(0, n_tiles, TILES):
         offs_t = t0 + tl.arange(0, TILES)
         m = mask_h[:, None] & (offs_t < n_tiles)[None, :]
@@ -430,12 +471,23 @@ def _lse_kernel(
         new_max = tl.maximum(run_max, tl.max(tm, axis=1))
         run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(ts * tl.exp2(tm - new_max[:, None]), axis=1)
         run_max = new_max
-        run_min = tl.minimum(run_min, tl.min(tl.load(tmin_ptr + off, mask=m, other=float("inf")), axis=1))
     run_sum = tl.where(mask_h, run_sum, 1.0)  # padded heads: no log2(0)
     lse = run_max + tl.log2(run_sum)
     tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads, lse, mask=mask_h)
+    # The lower bound is the smallest vote term the vote kernel can form, bit for bit: a tile's
+    # smallest stored probability (bf16-rounded exactly as the score kernel rounded it) times
+    # the tile's factor. exp2(min - lse) alone can exceed it by bf16's rounding (2^-9).
+    run_lo = tl.full((HEADS,), float("inf"), tl.float32)
+    for t0 in range(0, n_tiles, TILES):
+        offs_t = t0 + tl.arange(0, TILES)
+        m = mask_h[:, None] & (offs_t < n_tiles)[None, :]
+        off = heads.to(tl.int64)[:, None] * stride_th + (first + offs_t)[None, :]
+        tm = tl.load(tmax_ptr + off, mask=m, other=0.0)
+        p_min = tl.exp2(tl.load(tmin_ptr + off, mask=m, other=0.0) - tm).to(tl.bfloat16).to(tl.float32)
+        term = p_min * tl.exp2(tm - lse[:, None])
+        run_lo = tl.minimum(run_lo, tl.min(tl.where(m, term, float("inf")), axis=1))
     bounds_row = bounds_ptr + b.to(tl.int64) * stride_bb + heads
-    tl.store(bounds_row, tl.exp2(run_min - lse), mask=mask_h)
+    tl.store(bounds_row, run_lo, mask=mask_h)
     tl.store(bounds_row + NUM_HEADS, tl.exp2(run_max - lse), mask=mask_h)
 
 
@@ -492,9 +544,11 @@ def _vote_kernel(
     batch, n_init, n_local, cap_tiles,
     NUM_HEADS: tl.constexpr, H_PAD: tl.constexpr, H_CHUNK: tl.constexpr, VT: tl.constexpr,
     BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, BITS: tl.constexpr, SOFT: tl.constexpr, CTR: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Work item = VT consecutive tiles of one row: their votes (soft vote; the sum vote's
     were written by the score kernel) and the histogram of their first-level buckets."""
+    _after_previous_kernel(PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rows, cnt, tiles, firsts, _ = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local, cap_tiles,
@@ -685,8 +739,9 @@ def _select_kernel(
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr,
     BLOCK: tl.constexpr, LIST_MAX: tl.constexpr, BITS: tl.constexpr,
     SOFT: tl.constexpr, CTR: tl.constexpr, GATE_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    FLAT_PAD: tl.constexpr, UNTIL: tl.constexpr = 4,
+    FLAT_PAD: tl.constexpr, UNTIL: tl.constexpr = 4, PDL: tl.constexpr = False,
 ):
+    _after_previous_kernel(PDL)
     s = tl.program_id(0)
     b = tl.program_id(1)
     rows, cnt, tiles, firsts, overflow = _work_layout(seq_ptr, miss_ptr, batch, n_init, n_local,
@@ -828,6 +883,7 @@ def decode_select_stages(
     sum_vote = vote == "sum"
     per_tile = 1 if sum_vote else num_kv_heads
     split = max(1, min(SELECT_MAX_SPLIT, (2 * sms) // batch))
+    pdl = _uses_pdl(q.device)
 
     def gate():
         _gate_kernel[(GATE_SPLIT, batch)](
@@ -837,7 +893,7 @@ def decode_select_stages(
             cache_positions.stride(0), sc.radix.stride(0),
             n_init, n_local, topk, float(threshold), flat_dim,
             HEAD_DIM=head_dim, FLAT_PAD=flat_pad, BLOCK=GATE_BLOCK, SPLIT=GATE_SPLIT,
-            RADIX_WORDS=RADIX_WORDS, CTR=RADIX_COUNTERS, num_warps=4,
+            RADIX_WORDS=RADIX_WORDS, CTR=RADIX_COUNTERS, PDL=pdl, **_pdl_options(pdl), num_warps=4,
         )
 
     def score():
@@ -851,7 +907,7 @@ def decode_select_stages(
             dict(NUM_KV=num_kv_heads, NUM_HEADS=num_q_heads, GROUP=group,
                  G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=BLOCK_N,
                  B_PAD=b_pad, STAGES=SCORE_STAGES, SUM_VOTE=sum_vote, DOT_F32=_INTERPRETED,
-                 TILE_MIN=SCORE_TILE_MIN),
+                 TILE_MIN=SCORE_TILE_MIN, PDL=pdl),
         )
 
     def lse():
@@ -859,7 +915,7 @@ def decode_select_stages(
             sc.tile_max, sc.tile_min, sc.tile_sum, sc.lse, sc.bounds, seq_lens, sc.miss, sc.lse.stride(0),
             sc.bounds.stride(0), sc.tile_max.stride(0),
             *layout, NUM_HEADS=num_q_heads, HEADS=LSE_HEADS, TILES=LSE_TILES, BLOCK_N=BLOCK_N,
-            B_PAD=b_pad, num_warps=4,
+            B_PAD=b_pad, PDL=pdl, **_pdl_options(pdl), num_warps=4,
         )
 
     def vote_pass():
@@ -869,7 +925,7 @@ def decode_select_stages(
              sc.lse.stride(0), sc.bounds.stride(0), sc.tile_max.stride(0), sc.radix.stride(0), *layout),
             dict(NUM_HEADS=num_q_heads, H_CHUNK=min(VOTE_HEAD_CHUNK, triton.next_power_of_2(num_q_heads)),
                  VT=VOTE_TILES, BLOCK_N=BLOCK_N, B_PAD=b_pad, BITS=RADIX_BITS, SOFT=not sum_vote,
-                 CTR=RADIX_COUNTERS, H_PAD=triton.next_power_of_2(num_q_heads)),
+                 CTR=RADIX_COUNTERS, H_PAD=triton.next_power_of_2(num_q_heads), PDL=pdl),
         )
 
     def select():
@@ -882,7 +938,8 @@ def decode_select_stages(
             batch, n_init, n_local, topk, cap_tiles, flat_dim,
             SPLIT=split, BLOCK_N=BLOCK_N, B_PAD=b_pad, BLOCK=SELECT_BLOCK,
             LIST_MAX=SELECT_LIST_MAX, BITS=RADIX_BITS, SOFT=not sum_vote, CTR=RADIX_COUNTERS,
-            GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, UNTIL=SELECT_UNTIL, num_warps=8,
+            GATE_BLOCK=GATE_BLOCK, HEAD_DIM=head_dim, FLAT_PAD=flat_pad, UNTIL=SELECT_UNTIL,
+            PDL=pdl, **_pdl_options(pdl), num_warps=8,
         )
 
     stages = [("gate", gate), ("score", score)] + ([] if sum_vote else [("lse", lse)])
