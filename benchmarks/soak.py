@@ -79,7 +79,10 @@ MIN_RUN_S = 10.0
 
 
 def log(msg: str) -> None:
-    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    try:
+        print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    except OSError:  # stdout's reader (tee) is gone, e.g. after a SIGTERM to the command: carry on
+        pass
 
 
 def parse_duration(text: str) -> float:
@@ -270,18 +273,22 @@ def run_locust(args, url: str, work: str, run_s: float, budget: Budget, result: 
         try:
             proc.wait(timeout=budget.timeout(run_s + args.stop_timeout + LOCUST_SLACK_S))
         except subprocess.TimeoutExpired:
-            rec["error"] = "locust ran past its time limit: killed"
-        finally:
+            rec["error"] = "locust ran past its time limit: stopped"
+        finally:  # also on SIGTERM: what Locust and the sampler have so far is kept
             if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+                proc.terminate()  # Locust writes its CSVs and HTML report on SIGTERM
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
             sampler.stop()
-    rec["rc"] = proc.returncode
-    rec["elapsed_s"] = _round(time.monotonic() - t0, 1)
-    rec.update(locust_summary(prefix))
-    result["samples"] = sampler.samples
-    with open(os.path.join(work, "samples.json"), "w") as f:
-        json.dump(sampler.samples, f, indent=1)
+            rec["rc"] = proc.returncode
+            rec["elapsed_s"] = _round(time.monotonic() - t0, 1)
+            rec.update(locust_summary(prefix))
+            result["samples"] = sampler.samples
+            with open(os.path.join(work, "samples.json"), "w") as f:
+                json.dump(sampler.samples, f, indent=1)
     log(f"locust rc={proc.returncode} in {rec['elapsed_s']} s; aggregated {rec.get('aggregated')}")
 
 
@@ -321,6 +328,8 @@ def summarize(result: Dict[str, Any]) -> None:
     loc = result.get("locust")
     if loc is None:
         problems.append("locust did not run")
+    elif loc.get("error"):
+        problems.append(loc["error"])
     elif loc.get("rc") != 0:
         problems.append(f"locust exited {loc.get('rc')} (1: some requests failed; see locust_failures.csv)")
     elif not (loc.get("aggregated") or {}).get("n"):
