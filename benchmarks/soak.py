@@ -74,7 +74,7 @@ TS_STATS_KEYS = ("serving_decode", "sparse_decode_seen", "ranks", "hit_rate", "a
                  "attended_tokens", "context_tokens", "decode_steps", "request_steps", "layer_steps",
                  "counts_match_requests", "reason")
 RESERVE_S = 30.0  # after Locust and the drain check: server stop (~10-15 s), packing, summary
-LOCUST_SLACK_S = 45.0  # Locust's own start and report writing, on top of -t and --stop-timeout
+LOCUST_SLACK_S = 30.0  # Locust's own start and report writing, on top of -t and --stop-timeout
 MIN_RUN_S = 10.0
 
 
