@@ -361,7 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(work, exist_ok=True)
     result: Dict[str, Any] = {"benchmark": "sglang-tokenselect soak (Locust)", "name": name,
                               "backend": args.backend, "date": now_iso(),
-                              "command": shlex.join([sys.executable] + (sys.argv[1:] if argv is None else list(argv)))}
+                              "command": shlex.join([sys.executable, sys.argv[0] if argv is None else __file__]
+                                                 + (sys.argv[1:] if argv is None else list(argv)))}
     prev_handler = None
     if threading.current_thread() is threading.main_thread():
         prev_handler = signal.signal(signal.SIGTERM, _on_sigterm)
