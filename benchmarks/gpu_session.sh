@@ -3,7 +3,7 @@
 # chunks put SGLang 0.5.17 into /tmp/site (see benchmarks/README.md). Writes under $OUT.
 #   bash benchmarks/gpu_session.sh STEP [STEP ...]   (GPU_DIR: the carried .gpu folder, default .gpu)
 # Steps: env, smol-part1, smol-part2, gputests, select, select-quick, e2e, e2e-nocg, e2e-quick, accuracy,
-#        jit-save, jit-restore, e2e-bs1-a, e2e-bs1-b, e2e-tput-a, e2e-tput-b, e2e-tput
+#        jit-save, jit-restore, e2e-bs1-a, e2e-bs1-b, e2e-tput-a, e2e-tput-b, e2e-tput, soak
 #
 # One device command may run 10 minutes and brings back at most 8 files from $OUT (this
 # script always writes pip.log and one log per step): run each e2e-* step in its own command
@@ -69,6 +69,31 @@ e2e_tput() {
 }
 
 keep() { mkdir -p "$PREV" && cp "$OUT/e2e.json" "$PREV/$1"; }
+
+# One server under the Locust load test (benchmarks/soak.py; locust comes from .gpu/c5, installed
+# by `bash .gpu/c5/install.sh` in the same or an earlier command). Environment:
+#   SOAK_BACKEND  tokenselect (default) or flashinfer (or a label such as tokenselect@t0.9)
+#   SOAK_TIME     Locust run time (default 5m; shortened to fit SOAK_BUDGET after a slow start)
+#   SOAK_USERS    concurrent users (default 32)
+#   SOAK_EXTRA    extra server args, e.g. "--max-total-tokens 200000" (the retraction run)
+#   SOAK_NAME     run name (default: the backend): $OUT/soak_<name>.tar.gz and soak_<name>.json
+#   SOAK_BUDGET   seconds for all of it (default 540), SOAK_ARGS: more soak.py arguments
+# The server's PID is kept in $SOAK_PID while it runs: stopped by soak.py (also on SIGTERM) and,
+# should soak.py itself be killed, by the EXIT trap below.
+SOAK_PID=/tmp/soak_server.pid
+soak() {
+  rm -f "$SOAK_PID"
+  python3 benchmarks/soak.py --backend "${SOAK_BACKEND:-tokenselect}" --time "${SOAK_TIME:-5m}" \
+    --users "${SOAK_USERS:-32}" --extra-server-args="${SOAK_EXTRA:-}" ${SOAK_NAME:+--name "$SOAK_NAME"} \
+    --time-budget "${SOAK_BUDGET:-540}" --out-dir "$OUT" --pid-file "$SOAK_PID" ${SOAK_ARGS:-}
+}
+stop_soak_server() {
+  local pid
+  pid=$(cat "$SOAK_PID" 2>/dev/null) && [ -n "$pid" ] && kill -KILL -- "-$pid" 2>/dev/null \
+    && echo "killed the soak server's process group $pid"
+  rm -f "$SOAK_PID"
+}
+trap stop_soak_server EXIT
 
 # Compiled JIT kernels -> $OUT/fi_cache/part0.. (tar.xz, or .gz without xz, split in 15 MB parts):
 #  * FlashInfer 0.6.15: ${FLASHINFER_WORKSPACE_BASE:-$HOME}/.cache/flashinfer/<arch>/cached_ops/<name>/<name>.so
@@ -168,6 +193,10 @@ for s in "$@"; do
     # All three in one command: ~8.5-10.5 min, i.e. may not fit; the budget (540 s) then skips
     # the last configurations (recorded as skipped). Prefer e2e-tput-a + e2e-tput-b.
     e2e-tput) step e2e_tput e2e_tput --backends flashinfer,tokenselect@t1,tokenselect@t-1; keep tput.json ;;
+    # Locust soak, see soak() above. Estimate: server start ~70 s warm (tokenselect's first start
+    # on a machine ~145 s; with jit-restore first on a fresh one) + SOAK_TIME + stop-timeout 20 s +
+    # drain check ~5-60 s + stop ~10 s: ~7-9 min with 5m, within SOAK_BUDGET=540 s.
+    soak) step soak soak ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done
