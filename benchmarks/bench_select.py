@@ -305,7 +305,8 @@ def phase_rows():
     """Where a miss layer's select and score time goes: µs of the launches up to the vote, then
     of all five with the select cut after phase u (SELECT_UNTIL = u: 1 first-level bucket, 2
     split, 3 tie-list finish, 4 whole), of gate + score with and without the tile minimum, and
-    miss and hit layers with and without programmatic dependent launch."""
+    miss and hit layers with and without programmatic dependent launch and with the persistent
+    grids uncapped (4 programs per SM asked, whatever fits)."""
     out = []
     for batch in (1, 4):
         for seq_len in (32 * 1024, 128 * 1024):
@@ -315,8 +316,10 @@ def phase_rows():
                        select_until_us={u: with_knobs(dict(SELECT_UNTIL=u), lambda: prefix(5)) for u in (1, 2, 3, 4)},
                        gate_score_us=prefix(2),
                        gate_score_no_tile_min_us=with_knobs(dict(SCORE_TILE_MIN=False), lambda: prefix(2)))
+            row["pdl_on"] = with_knobs(dict(USE_PDL=True), lambda: layer_costs(inputs, cache, scratch))
             row["pdl_off"] = with_knobs(dict(USE_PDL=False), lambda: layer_costs(inputs, cache, scratch))
-            row["pdl_on"] = layer_costs(inputs, cache, scratch)
+            row["uncapped_grids"] = with_knobs(dict(CAP_PERSISTENT_GRIDS=False),
+                                               lambda: layer_costs(inputs, cache, scratch))
             out.append(row)
             print(f"  phases B={batch} L={seq_len // 1024}K: {row}", flush=True)
             del inputs, cache, scratch

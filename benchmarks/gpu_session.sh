@@ -156,7 +156,8 @@ for s in "$@"; do
     smol-part1) mkdir -p /tmp/smol && cp "$GPU_DIR/smol1/part00" /tmp/smol/ && echo "part 1 staged" ;;
     smol-part2) cat /tmp/smol/part00 "$GPU_DIR/smol2/part01" >"$GGUF" && rm /tmp/smol/part00 \
                   && echo "$(cat "$GPU_DIR/smol2/sha256")  $GGUF" | sha256sum -c ;;
-    gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py ${PYTEST_ARGS:-} ;;
+    gputests) step gputests python3 -m pytest -q -p no:cacheprovider tests/test_backend_gpu.py \
+                tests/test_kernels_triton.py ${PYTEST_ARGS:-} ;;
     select) step select python3 benchmarks/bench_select.py --out "$OUT/select.json" --plot ${SELECT_ARGS:-} ;;
     select-quick) step select python3 benchmarks/bench_select.py --quick --out "$OUT/select.json" --plot ;;
     # flashinfer (its default decode CUDA graphs) and tokenselect; kept in /tmp for e2e-nocg

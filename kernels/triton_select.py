@@ -84,8 +84,10 @@ VOTE_PROGRAMS_PER_SM = 4
 SCORE_TILE_MIN = True
 SELECT_UNTIL = 4
 # Programmatic dependent launch of the five kernels on Hopper and later (launch latencies
-# overlap; see _after_previous_kernel). A knob so the benchmark can price it.
-USE_PDL = True
+# overlap; see _after_previous_kernel). Off until a GPU run prices it (bench_select --phases).
+USE_PDL = False
+# Persistent grids capped at the programs an SM holds at once (see _launch_persistent).
+CAP_PERSISTENT_GRIDS = True
 _DEFAULT_NUM_SMS = 132  # H100/H200 SXM; the launcher asks the device when it is a GPU
 # Triton's CPU interpreter (used by the tests) cannot tl.dot bf16 blocks: upcast there only.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -221,7 +223,7 @@ def _launch_persistent(kernel, wanted_per_sm: int, work: int, device, num_warps:
     fit would start its share only after the first wave ends, at a fraction of the bandwidth."""
     device = torch.device(device)
     key = (kernel.fn.__name__, tuple(sorted(consts.items())), device.index)
-    per_sm = min(wanted_per_sm, _RESIDENT.get(key, wanted_per_sm))
+    per_sm = min(wanted_per_sm, _RESIDENT.get(key, wanted_per_sm)) if CAP_PERSISTENT_GRIDS else wanted_per_sm
     compiled = kernel[(max(1, min(per_sm * _num_sms(device), work)),)](
         *args, num_warps=num_warps, **_pdl_options(consts.get("PDL", False)), **consts)
     if key not in _RESIDENT and device.type == "cuda" and hasattr(compiled, "n_regs"):

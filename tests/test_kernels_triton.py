@@ -176,6 +176,21 @@ def test_decode_select_matches_reference(threshold, vote, scale):
     assert counts["hits"] == expected_hits, counts
 
 
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs an sm_90+ GPU")
+@pytest.mark.parametrize("threshold", [-1.0, 1.0])
+@pytest.mark.parametrize("vote", ["soft", "sum"])
+def test_decode_select_with_programmatic_dependent_launch(monkeypatch, threshold, vote):
+    """The five kernels launched with PDL (each waits for the previous) compute the reference's
+    selection, twice in a row (the second launch of each kernel uses its learnt grid cap)."""
+    monkeypatch.setattr(ts, "USE_PDL", True)
+    seed = fresh_seed()
+    case = make_case(seed, LENS, kinds=KINDS, head_dim=32, padding=2)
+    scratch = ts.alloc_scratch(len(LENS) + 2, 4096, case["q"].shape[1], DEVICE)
+    for _ in range(2):
+        check_case(case, scratch, threshold=threshold, scale=1.0, vote=vote, msg=f"seed {seed}")
+
+
 @pytest.mark.parametrize("heads, head_dim, dtype", [
     ((1, 8), 64, torch.float16),   # MQA-like group of 8
     ((4, 1), 16, torch.bfloat16),  # MHA
