@@ -131,8 +131,10 @@ WIDE = dict(n_init=4, n_local=16, topk=200, cache_threshold=1.0)  # budget 220 >
 SMALL = dict(n_init=2, n_local=6, topk=8, cache_threshold=1.0)  # budget 16
 
 
-def rotary_for_tests():
-    return sglang_rotary(sgl_rope.LinearScalingRotaryEmbedding, theta=THETA, max_pos=4096, scaling_factors=[SCALE])
+def rotary_for_tests(device="cpu"):
+    rotary = sglang_rotary(sgl_rope.LinearScalingRotaryEmbedding, theta=THETA, max_pos=4096, scaling_factors=[SCALE])
+    rotary.cos_sin_cache = rotary.cos_sin_cache.to(device)
+    return rotary
 
 
 def roped_forward(fx, backend, rotary, batch=None, hidden=None) -> torch.Tensor:
@@ -160,20 +162,21 @@ def write_prefix(fx, batch, prefix_hidden, rotary=None) -> None:
             continue
         q, k, v = module.project_qkv(hidden)
         if rotary is not None:
-            _, k = sglang_rotate(rotary, torch.arange(n), q, k)
+            _, k = sglang_rotate(rotary, torch.arange(n, device=hidden.device), q, k)
         slots = r2t[int(batch.req_pool_indices[b]), :n].long()
         pool.set_kv_buffer(module.attn, slots, k.view(n, module.num_kv_heads, module.head_dim),
                            v.view(n, module.num_kv_heads, module.head_dim))
 
 
-def normal_and_extrapolated(fx, normal_cfg, extra_cfg):
-    """(normal path over rotated keys, extrapolation over pre-RoPE keys) for the fixture's batch."""
-    rotary = rotary_for_tests()
+def normal_and_extrapolated(fx, normal_cfg, extra_cfg, backend_cls=TokenSelectTorchBackend, native_cls=None):
+    """(normal path over rotated keys, the parent backend over them, extrapolation over pre-RoPE
+    keys, the extrapolating backend) for the fixture's batch."""
+    rotary = rotary_for_tests(fx.input_hidden.device)
     write_prefix(fx, fx.forward_batch, fx.prefix_hidden, rotary)
-    normal = roped_forward(fx, TokenSelectTorchBackend(fx.runner, normal_cfg), rotary)
-    native = roped_forward(fx, TorchNativeAttnBackend(fx.runner), rotary)
+    normal = roped_forward(fx, backend_cls(fx.runner, normal_cfg), rotary)
+    native = roped_forward(fx, (native_cls or TorchNativeAttnBackend)(fx.runner), rotary)
     write_prefix(fx, fx.forward_batch, fx.prefix_hidden)
-    backend = TokenSelectTorchBackend(fx.runner, extra_cfg, rope=ROPE)
+    backend = backend_cls(fx.runner, extra_cfg, rope=ROPE)
     return normal, native, roped_forward(fx, backend, rotary), backend
 
 
