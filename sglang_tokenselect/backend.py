@@ -140,6 +140,14 @@ class TokenSelectDecodeMixin:
         check_runner_supported(model_runner)
         self.ts_config = config
         self.ts_rope = extrapolation_spec(model_runner, config, rope)
+        self.ts_rope_tables = None  # (cos, sin) of this forward's positions, set by its first layer (CUDA)
+        self.ts_rope_sel_tables = None
+        if self.ts_rope is not None and torch.device(model_runner.device).type == "cuda":
+            from sglang_tokenselect.kernels.triton_rope import rope_tables
+
+            at = torch.tensor([config.n_local], device=model_runner.device)
+            cos, sin = rope_tables(at, self.ts_rope.head_dim, self.ts_rope.theta, self.ts_rope.scale)
+            self.ts_rope_sel_tables = (cos[0].contiguous(), sin[0].contiguous())
         self.ts_stats_interval = stats_interval
         pool = model_runner.token_to_kv_pool
         self.ts_start_layer = getattr(pool, "start_layer", 0)
@@ -286,8 +294,15 @@ class TokenSelectDecodeMixin:
         k3 = (k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim) if k is not None
               else q3.new_empty(q3.shape[0], 0, layer.qk_head_dim))
         rope = self.ts_rope
-        q_pre, k_pre, q_sel = ref.extrapolation_qk_reference(q3, k3, positions, theta=rope.theta, scale=rope.scale,
-                                                             n_local=self.ts_config.n_local)
+        if self.ts_rope_sel_tables is None:  # CPU: the PyTorch reference
+            q_pre, k_pre, q_sel = ref.extrapolation_qk_reference(q3, k3, positions, theta=rope.theta,
+                                                                 scale=rope.scale, n_local=self.ts_config.n_local)
+        else:  # CUDA: one Triton launch each for q and k; cos/sin once per forward (its first layer)
+            from sglang_tokenselect.kernels import triton_rope
+
+            if layer.layer_id == self.ts_start_layer or self.ts_rope_tables is None:
+                self.ts_rope_tables = triton_rope.rope_tables(positions, rope.head_dim, rope.theta, rope.scale)
+            q_pre, k_pre, q_sel = triton_rope.extrapolation_qk(q3, k3, self.ts_rope_tables, self.ts_rope_sel_tables)
         return q_pre, (k_pre if k is not None else None), q_sel
 
     def _select(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch") -> DecodeStep:

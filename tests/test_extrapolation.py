@@ -123,6 +123,27 @@ def test_extrapolation_qk_reference():
     torch.testing.assert_close((q_sel[:, 0] * k_pre[:, 0]).sum(-1).double(), model_score, atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_rerotation_matches_the_reference(dtype):
+    """kernels/triton_rope.py (Triton's interpreter on CPU) against reference.extrapolation_qk_reference,
+    on strided q/k views like the model's split of a fused qkv projection."""
+    from sglang_tokenselect.kernels import triton_rope
+
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    t, hq, hkv, d, theta, scale, n_local = 7, 4, 2, 64, 1e5, 2.0, 33
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    q, k = qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    positions = torch.randint(0, 70000, (t,), generator=gen)
+    tables = triton_rope.rope_tables(positions, d, theta, scale)
+    cos, sin = triton_rope.rope_tables(torch.tensor([n_local]), d, theta, scale)
+    got = triton_rope.extrapolation_qk(q, k, tables, (cos[0], sin[0]))
+    want = ref.extrapolation_qk_reference(q, k, positions, theta=theta, scale=scale, n_local=n_local)
+    for name, a, b in zip(("q_pre", "k_pre", "q_sel"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2, msg=f"{name} seed {seed}")
+
+
 # ----------------------------------------------------------------------------- the backend
 
 THETA, SCALE = 1e4, 2.0
