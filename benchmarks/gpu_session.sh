@@ -3,7 +3,7 @@
 # chunks put SGLang 0.5.17 into /tmp/site (see benchmarks/README.md). Writes under $OUT.
 #   bash benchmarks/gpu_session.sh STEP [STEP ...]   (GPU_DIR: the carried .gpu folder, default .gpu)
 # Steps: env, smol-part1, smol-part2, gputests, select, select-quick, e2e, e2e-nocg, e2e-quick, accuracy,
-#        jit-save, jit-restore, e2e-bs1-a, e2e-bs1-b, e2e-tput-a, e2e-tput-b, e2e-tput, soak
+#        extrapolation, jit-save, jit-restore, e2e-bs1-a, e2e-bs1-b, e2e-tput-a, e2e-tput-b, e2e-tput, soak
 #
 # One device command may run 10 minutes and brings back at most 8 files from $OUT (this
 # script always writes pip.log and one log per step): run each e2e-* step in its own command
@@ -168,6 +168,11 @@ for s in "$@"; do
            --compare-with "$PREV/e2e.json" --time-budget "${E2E_BUDGET:-540}" ;;
     e2e-quick) step e2e python3 benchmarks/e2e_bench.py --out-dir "$OUT" --quick ;;
     accuracy) step accuracy python3 benchmarks/accuracy_gpu.py --gguf "$GGUF" --out-dir "$OUT" --time-budget "${ACC_BUDGET:-540}" ${ACC_ARGS:-} ;;
+    # issue 11: SmolLM2 pass key / multi-key at 8K-64K, dense vs tokenselect vs tokenselect
+    # --tokenselect-extrapolate (3 servers side by side). The first start JIT-compiles FlashInfer's
+    # RoPE (ROPE_LLAMA) decode/prefill variants, not in the AOT cache: allow minutes.
+    extrapolation) step extrapolation python3 benchmarks/extrapolation_gpu.py --gguf "$GGUF" --out-dir "$OUT" \
+                     --time-budget "${EXTRAP_BUDGET:-540}" ${EXTRAP_ARGS:-} ;;
     # ~30-60 s (xz of the compiled modules); run alone, after servers of every backend ran.
     jit-save) step jit_save jit_save ;;
     # ~10 s; before the first server of a fresh machine, e.g. `jit-restore e2e-bs1-a`.

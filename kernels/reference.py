@@ -270,11 +270,16 @@ def paged_decode_attention_reference(
     kv_indices: torch.Tensor,
     scale: float,
     logit_cap: float = 0.0,
+    rope: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Decode attention of each request over the slots listed for it.
 
     Args:
         q: [B, H_q, D]; k_buffer: [S, H_kv, D]; v_buffer: [S, H_kv, Dv].
+        rope: ``(theta, scale)``: FlashInfer's ``ROPE_LLAMA`` over the attended list (length
+            extrapolation; q and the cached keys are pre-RoPE): the key listed ``j``-th is rotated
+            to position ``j`` and the query to ``n - 1`` (n = keys listed: the current token's key,
+            listed last, shares the query's position). None: q and keys are used as stored.
     Returns:
         [B, H_q, Dv] in q's dtype, accumulated in float32.
     """
@@ -284,7 +289,12 @@ def paged_decode_attention_reference(
         slots = kv_indices[int(kv_indptr[b]) : int(kv_indptr[b + 1])].long()
         keys = k_buffer[slots].float()[:, heads, :]  # [n, H_q, D]
         values = v_buffer[slots].float()[:, heads, :]
-        logits = torch.einsum("hd,nhd->hn", q[b].float(), keys) * scale
+        qb = q[b].float()
+        if rope is not None:
+            n = slots.numel()
+            keys = rope_rotate_reference(keys, torch.arange(n, device=q.device), *rope)
+            qb = rope_rotate_reference(qb[None], torch.tensor([n - 1], device=q.device), *rope)[0]
+        logits = torch.einsum("hd,nhd->hn", qb, keys) * scale
         if logit_cap > 0:
             logits = logit_cap * torch.tanh(logits / logit_cap)
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), values).to(q.dtype)
@@ -374,6 +384,7 @@ def paged_prefill_attention_reference(
     kv_indices: torch.Tensor,
     scale: float,
     logit_cap: float = 0.0,
+    rope: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each query segment over the slots listed for it, FlashInfer's
     paged prefill semantics: query i of a segment of n queries over m slots sees slots
@@ -382,6 +393,8 @@ def paged_prefill_attention_reference(
     Args:
         q: [T, H_q, D]; k_buffer: [S, H_kv, D]; v_buffer: [S, H_kv, Dv];
         qo_indptr, kv_indptr: [N + 1]; kv_indices: [kv_indptr[N]].
+        rope: ``(theta, scale)``: FlashInfer's ``ROPE_LLAMA`` over the attended list (q and keys
+            pre-RoPE): the key listed ``j``-th at position ``j``, query ``i`` at ``m - n + i``.
     Returns:
         [T, H_q, Dv] in q's dtype, accumulated in float32.
     """
@@ -393,10 +406,74 @@ def paged_prefill_attention_reference(
         n, m = q1 - q0, slots.numel()
         keys = k_buffer[slots].float()[:, heads, :]  # [m, H_q, D]
         values = v_buffer[slots].float()[:, heads, :]
-        logits = torch.einsum("thd,mhd->htm", q[q0:q1].float(), keys) * scale
+        qi = q[q0:q1].float()
+        if rope is not None:
+            keys = rope_rotate_reference(keys, torch.arange(m, device=q.device), *rope)
+            qi = rope_rotate_reference(qi, torch.arange(m - n, m, device=q.device), *rope)
+        logits = torch.einsum("thd,mhd->htm", qi, keys) * scale
         if logit_cap > 0:
             logits = logit_cap * torch.tanh(logits / logit_cap)
         visible = torch.arange(m, device=q.device)[None, :] <= (m - n + torch.arange(n, device=q.device))[:, None]
         logits = logits.masked_fill(~visible, NEG_INF)
         out[q0:q1] = torch.einsum("htm,mhd->thd", torch.softmax(logits, dim=-1), values).to(q.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- length extrapolation
+#
+# RoPE as FlashInfer's ``ROPE_LLAMA`` and SGLang's ``RotaryEmbedding`` (NeoX style) apply it:
+# the pairs are ``(x[j], x[j + D/2])``, rotated by ``angle(p, j) = (p / scale) * theta ** (-2j/D)``.
+# With extrapolation the pool holds pre-RoPE keys: the backend un-rotates the model's rotated
+# q and k by their true positions (float32), stores k, attends with RoPE over positions in the
+# attended list, and selects with the query rotated to the fixed position ``n_local``.
+
+
+def rope_inv_freq_reference(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[D/2] float32 ``theta ** (-2j / D)`` (SGLang's ``RotaryEmbedding._compute_inv_freq``)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
+
+
+def rope_angles_reference(positions: torch.Tensor, head_dim: int, theta: float, scale: float = 1.0) -> torch.Tensor:
+    """[T] positions -> [T, D/2] float32 angles ``(p / scale) * inv_freq`` (one float32 product:
+    SGLang's cos/sin cache rounds them the same way)."""
+    inv_freq = rope_inv_freq_reference(head_dim, theta, positions.device)
+    return (positions.float() / scale)[:, None] * inv_freq[None, :]
+
+
+def rope_rotate_by_angles_reference(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE by explicit angles: x [T, H, D], angles [T, D/2] -> [T, H, D] float32."""
+    half = x.shape[-1] // 2
+    x = x.float()
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rope_rotate_reference(x: torch.Tensor, positions: torch.Tensor, theta: float, scale: float = 1.0) -> torch.Tensor:
+    """RoPE of x [T, H, D] at positions [T]: [T, H, D] float32."""
+    return rope_rotate_by_angles_reference(x, rope_angles_reference(positions, x.shape[-1], theta, scale))
+
+
+def rope_unrotate_reference(x: torch.Tensor, positions: torch.Tensor, theta: float, scale: float = 1.0) -> torch.Tensor:
+    """Undo the RoPE of x [T, H, D] at positions [T] (the angles' exact negation): [T, H, D] float32."""
+    return rope_rotate_by_angles_reference(x, -rope_angles_reference(positions, x.shape[-1], theta, scale))
+
+
+def extrapolation_qk_reference(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, theta: float, scale: float, n_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backend's inputs under length extrapolation, from the model's rotated q and k.
+
+    Args:
+        q: [T, H_q, D], k: [T, H_kv, D] rotated by SGLang at ``positions`` [T].
+    Returns:
+        q_pre [T, H_q, D] (q's dtype): q with its rotation undone (FlashInfer re-applies RoPE);
+        k_pre [T, H_kv, D] (k's dtype): the key stored in the pool;
+        q_sel [T, H_q, D] (q's dtype): q_pre rotated to position ``n_local`` (from the float32
+        q_pre, one rounding), the selection's query against pre-RoPE keys.
+    """
+    q_pre = rope_unrotate_reference(q, positions, theta, scale)
+    k_pre = rope_unrotate_reference(k, positions, theta, scale)
+    at_local = torch.full_like(positions, n_local)
+    q_sel = rope_rotate_reference(q_pre, at_local, theta, scale)
+    return q_pre.to(q.dtype), k_pre.to(k.dtype), q_sel.to(q.dtype)

@@ -29,6 +29,15 @@ from sglang.srt.runtime_context import get_parallel
 from sglang_tokenselect.config import TokenSelectConfig
 from sglang_tokenselect.kernels import reference as ref
 from sglang_tokenselect.prefill import SparsePrefillStep, SubchunkPlan, build_step, plan_subchunks, select_subchunks
+from sglang_tokenselect.rope import (
+    BudgetBeyondWindowError,
+    RopeSpec,
+    UnsupportedRopeError,
+    check_budget_within_window,
+    rope_spec_of_hf_config,
+    rope_spec_of_model,
+    rotary_modules,
+)
 from sglang_tokenselect.selection import SelectionCache, SelectionOps, Selector, default_ops
 
 if TYPE_CHECKING:
@@ -75,6 +84,40 @@ def check_runner_supported(model_runner: "ModelRunner") -> None:
         )
 
 
+def rope_spec_of_runner(model_runner: "ModelRunner") -> RopeSpec:
+    """The RoPE the runner's model applies (its rotary modules, else its HF config), checked for
+    FlashInfer's in-kernel ROPE_LLAMA; UnsupportedConfigError (one line) otherwise."""
+    model = getattr(model_runner, "model", None)
+    try:
+        if model is not None and rotary_modules(model):
+            spec = rope_spec_of_model(model)
+        else:
+            spec = rope_spec_of_hf_config(model_runner.model_config.hf_text_config)
+    except UnsupportedRopeError as exc:
+        raise UnsupportedConfigError(str(exc)) from None
+    head_dim = getattr(model_runner.model_config, "head_dim", spec.head_dim)
+    if spec.head_dim != head_dim:
+        raise UnsupportedConfigError(
+            f"--tokenselect-extrapolate cannot serve this model: partial rotary dims (RoPE over {spec.head_dim} "
+            f"of head_dim {head_dim})."
+        )
+    return spec
+
+
+def extrapolation_spec(model_runner: "ModelRunner", config: TokenSelectConfig,
+                       rope: Optional[RopeSpec]) -> Optional[RopeSpec]:
+    """The RoPE to re-apply in-kernel when ``config.extrapolate`` (``rope`` or the model's); None
+    when off. Refuses a model FlashInfer cannot serve and a budget past the trained context."""
+    if not config.extrapolate:
+        return None
+    spec = rope if rope is not None else rope_spec_of_runner(model_runner)
+    try:
+        check_budget_within_window(spec, config.budget)
+    except BudgetBeyondWindowError as exc:
+        raise UnsupportedConfigError(str(exc)) from None
+    return spec
+
+
 @dataclass
 class DecodeStep:
     """Per-step buffers shared by every layer (B = requests in the batch).
@@ -92,9 +135,19 @@ class TokenSelectDecodeMixin:
     """Selection state and decode-step planning shared by the CUDA and CPU backends."""
 
     def _init_tokenselect(self, model_runner: "ModelRunner", config: TokenSelectConfig,
-                          stats_interval: int = 0, ops: Optional[SelectionOps] = None) -> None:
+                          stats_interval: int = 0, ops: Optional[SelectionOps] = None,
+                          rope: Optional[RopeSpec] = None) -> None:
         check_runner_supported(model_runner)
         self.ts_config = config
+        self.ts_rope = extrapolation_spec(model_runner, config, rope)
+        self.ts_rope_tables = None  # (cos, sin) of this forward's positions, set by its first layer (CUDA)
+        self.ts_rope_sel_tables = None
+        if self.ts_rope is not None and torch.device(model_runner.device).type == "cuda":
+            from sglang_tokenselect.kernels.triton_rope import rope_tables
+
+            at = torch.tensor([config.n_local], device=model_runner.device)
+            cos, sin = rope_tables(at, self.ts_rope.head_dim, self.ts_rope.theta, self.ts_rope.scale)
+            self.ts_rope_sel_tables = (cos[0].contiguous(), sin[0].contiguous())
         self.ts_stats_interval = stats_interval
         pool = model_runner.token_to_kv_pool
         self.ts_start_layer = getattr(pool, "start_layer", 0)
@@ -131,6 +184,13 @@ class TokenSelectDecodeMixin:
             self.ts_scratch.nbytes / 2**20, self.ts_scratch.max_batch, self.ts_capacity,
             f"on, sub-chunks of {config.prefill_chunk}" if config.sparse_prefill else "off",
         )
+        if self.ts_rope is not None:
+            logger.info(
+                "TokenSelect: length extrapolation in effect: pre-RoPE keys in the KV pool, RoPE (%s) applied "
+                "in-kernel over positions in the attended list (at most %d); context length %s tokens, model "
+                "trained on %s.", self.ts_rope.describe(), config.budget,
+                getattr(model_runner.model_config, "context_len", "?"), self.ts_rope.max_position or "?",
+            )
 
     @property
     def selection_cache(self) -> SelectionCache:
@@ -154,7 +214,7 @@ class TokenSelectDecodeMixin:
                   "cache_threshold": cfg.cache_threshold,
                   "score_scale": "layer" if cfg.score_scale is None else cfg.score_scale,
                   "vote": cfg.vote, "sparse_prefill": cfg.sparse_prefill, "prefill_chunk": cfg.prefill_chunk,
-                  "backend": type(self).__name__}
+                  "extrapolate": cfg.extrapolate, "backend": type(self).__name__}
         memory = {"selection_cache": self.selection_cache.nbytes,
                   "scratch": self.ts_scratch.nbytes + sum(s.nbytes for s in self.ts_retired_scratch),
                   "scratch_candidates": self.ts_capacity, "scratch_max_batch": self.ts_scratch.max_batch}
@@ -191,7 +251,7 @@ class TokenSelectDecodeMixin:
             prefix, extend = forward_batch.extend_prefix_lens.tolist(), forward_batch.extend_seq_lens.tolist()
         plan = plan_subchunks(prefix, extend, self.ts_config, capacity=self.ts_scratch.capacity,
                               max_rows=self.ts_scratch.max_batch)
-        if not plan.sparse:
+        if not plan.sparse and self.ts_rope is None:  # pre-RoPE keys: every extend re-applies RoPE
             return None
         self.ts_sparse_extends += 1
         logger.debug("TokenSelect sparse extend: %d requests, %d queries, %d sub-chunks in %d selection "
@@ -221,6 +281,30 @@ class TokenSelectDecodeMixin:
                          self.ts_scratch, self.ts_config, self.ts_config.scale_for(layer.scaling))
         return step
 
+    def _rerotate(self, q: torch.Tensor, k: Optional[torch.Tensor], layer: "RadixAttention",
+                  forward_batch: "ForwardBatch") -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Length extrapolation: the model rotated q and k at their true positions; undo it.
+
+        q: [T, H_q * D] (or [T, H_q, D]); k: [T, H_kv * D] or None. Returns (q_pre [T, H_q, D],
+        k_pre [T, H_kv, D] or None, q_sel [T, H_q, D]: q_pre rotated to position n_local), in the
+        input dtypes (``reference.extrapolation_qk_reference``). Device ops only: no sync.
+        """
+        q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        positions = forward_batch.positions[: q3.shape[0]]
+        k3 = (k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim) if k is not None
+              else q3.new_empty(q3.shape[0], 0, layer.qk_head_dim))
+        rope = self.ts_rope
+        if self.ts_rope_sel_tables is None:  # CPU: the PyTorch reference
+            q_pre, k_pre, q_sel = ref.extrapolation_qk_reference(q3, k3, positions, theta=rope.theta,
+                                                                 scale=rope.scale, n_local=self.ts_config.n_local)
+        else:  # CUDA: one Triton launch each for q and k; cos/sin once per forward (its first layer)
+            from sglang_tokenselect.kernels import triton_rope
+
+            if layer.layer_id == self.ts_start_layer or self.ts_rope_tables is None:
+                self.ts_rope_tables = triton_rope.rope_tables(positions, rope.head_dim, rope.theta, rope.scale)
+            q_pre, k_pre, q_sel = triton_rope.extrapolation_qk(q3, k3, self.ts_rope_tables, self.ts_rope_sel_tables)
+        return q_pre, (k_pre if k is not None else None), q_sel
+
     def _select(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch") -> DecodeStep:
         step = self.ts_step
         self.ts_selector.select(
@@ -236,6 +320,10 @@ class TokenSelectDecodeMixin:
             step.scratch,
         )
         return step
+
+    def _rope_params(self) -> Optional[tuple[float, float]]:
+        """``(theta, scale)`` of the in-kernel RoPE under extrapolation, else None."""
+        return None if self.ts_rope is None else self.ts_rope.params
 
     def _count_decode_step(self, seq_lens_cpu: Optional[torch.Tensor] = None, in_capture: bool = False) -> None:
         self.ts_decode_steps += 1
@@ -267,9 +355,9 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
     """CPU backend: dense SDPA extend (parent), reference TokenSelect decode."""
 
     def __init__(self, model_runner: "ModelRunner", config: TokenSelectConfig,
-                 stats_interval: int = 0, ops: Optional[SelectionOps] = None):
+                 stats_interval: int = 0, ops: Optional[SelectionOps] = None, rope: Optional[RopeSpec] = None):
         TorchNativeAttnBackend.__init__(self, model_runner)
-        self._init_tokenselect(model_runner, config, stats_interval, ops)
+        self._init_tokenselect(model_runner, config, stats_interval, ops, rope)
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch"):
         super().init_forward_metadata(forward_batch)
@@ -301,11 +389,14 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
         sub-chunk selection and of FlashInfer's paged prefill over it."""
         if self.ts_prefill is None or layer.is_cross_attention:
             return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        q_sel = q
+        if self.ts_rope is not None:
+            q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
             )
-        step = self._select_prefill(q, layer)
+        step = self._select_prefill(q_sel, layer)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         n = step.plan.num_tokens
         out = q3.new_zeros(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim)
@@ -318,16 +409,20 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             step.kv_indices,
             layer.scaling,
             layer.logit_cap,
+            rope=self._rope_params(),
         )
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True):
+        q_sel = q
+        if self.ts_rope is not None:
+            q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
         if save_kv_cache and k is not None and v is not None:
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
             )
-        step = self._select(q, layer, forward_batch)
+        step = self._select(q_sel, layer, forward_batch)
         out = ref.paged_decode_attention_reference(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
@@ -336,6 +431,7 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             step.kv_indices,
             layer.scaling,
             layer.logit_cap,
+            rope=self._rope_params(),
         )
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
@@ -354,12 +450,39 @@ def _flashinfer_backend_class():
         """
 
         def __init__(self, model_runner: "ModelRunner", config: TokenSelectConfig,
-                     stats_interval: int = 0, ops: Optional[SelectionOps] = None):
+                     stats_interval: int = 0, ops: Optional[SelectionOps] = None, rope: Optional[RopeSpec] = None):
             FlashInferAttnBackend.__init__(
                 self, model_runner, init_new_workspace=model_runner.init_new_workspace
             )
-            self._init_tokenselect(model_runner, config, stats_interval, ops)
+            self._init_tokenselect(model_runner, config, stats_interval, ops, rope)
             self._plan_budget_lengths()
+            if self.ts_rope is not None:
+                self._plan_decode_with_rope()
+
+        # --- length extrapolation (NOT RUN ON A GPU YET): FlashInfer applies RoPE in-kernel
+        # (pos_encoding_mode="ROPE_LLAMA", FlashInfer 0.6.x): the k listed j-th at position j, the
+        # query at kv_len - 1 (decode) or kv_len - qo_len + i (paged prefill, bottom right). The
+        # CPU tests check the same semantics through reference.paged_*_attention_reference(rope=).
+
+        def _rope_kwargs(self) -> dict:
+            return dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=self.ts_rope.scale, rope_theta=self.ts_rope.theta)
+
+        def _plan_decode_with_rope(self) -> None:
+            """Every decode plan, eager or for a CUDA graph, selects FlashInfer's RoPE kernel: SGLang's
+            decode updater calls ``wrapper.begin_forward(...)`` without a position encoding, so each
+            wrapper's ``begin_forward`` is given ours as keywords before it runs. ``functools.partial``
+            of a partial flattens, so SGLang's test for its ``fast_decode_plan`` (CUDA graph replay,
+            host lengths, no sync) still sees ``.func is fast_decode_plan``."""
+            updater, rope = self.indices_updater_decode, self._rope_kwargs()
+            call = updater.call_begin_forward
+
+            def call_begin_forward(wrapper, *args, **kwargs):
+                begin = wrapper.begin_forward
+                if getattr(begin, "keywords", {}).get("pos_encoding_mode") != "ROPE_LLAMA":
+                    wrapper.begin_forward = functools.partial(begin, **rope)
+                return call(wrapper, *args, **kwargs)
+
+            updater.call_begin_forward = call_begin_forward
 
         def _plan_budget_lengths(self) -> None:
             updater, budget = self.indices_updater_decode, self.ts_config.budget
@@ -395,8 +518,9 @@ def _flashinfer_backend_class():
             if wrapper is None:
                 from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
-                wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD",
-                                                              backend=self.prefill_backend)
+                # FlashInfer's in-kernel RoPE is fa2's (fa3 has none)
+                backend = "fa2" if self.ts_rope is not None else self.prefill_backend
+                wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace_buffer, "NHD", backend=backend)
                 self._ts_prefill_wrapper_obj = wrapper
             return wrapper
 
@@ -417,7 +541,7 @@ def _flashinfer_backend_class():
                 torch.ones(plan.num_rows, dtype=torch.int32),  # last page lengths, on the host like the indptrs
                 updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
                 causal=True, q_data_type=updater.q_data_type, kv_data_type=updater.data_type,
-                non_blocking=True,
+                non_blocking=True, **(self._rope_kwargs() if self.ts_rope is not None else {}),
             )
             return self._build_prefill_step(plan, forward_batch, kv_indptr=wrapper._paged_kv_indptr_buf,
                                             kv_indices=wrapper._paged_kv_indices_buf)
@@ -426,16 +550,20 @@ def _flashinfer_backend_class():
                            save_kv_cache: bool = True):
             if self.ts_prefill is None or layer.is_cross_attention:
                 return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            q_sel = q
+            if self.ts_rope is not None:
+                q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
             if k is not None and save_kv_cache:
                 self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
                                                     *self._kv_write_scales(layer))
-            step = self._select_prefill(q, layer)
+            step = self._select_prefill(q_sel, layer)
             n = step.plan.num_tokens
             q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
             o = self._ts_prefill_wrapper().forward(
                 q3[:n].contiguous(), self.token_to_kv_pool.get_kv_buffer(layer.layer_id), causal=True,
                 sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
                 k_scale=layer.k_scale_float, v_scale=layer.v_scale_float,
+                **(self._rope_kwargs() if self.ts_rope is not None else {}),
             )
             if n < q3.shape[0]:  # padded query rows (none expected: prefill CUDA graphs are off)
                 o = torch.cat([o, o.new_zeros((q3.shape[0] - n,) + tuple(o.shape[1:]))])
@@ -466,10 +594,29 @@ def _flashinfer_backend_class():
 
         def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                            save_kv_cache: bool = True):
+            if self.ts_rope is not None:
+                return self._forward_decode_extrapolated(q, k, v, layer, forward_batch, save_kv_cache)
             # The current token is always local, never a candidate: selecting before the
             # parent writes its K/V is safe.
             self._select(q, layer, forward_batch)
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+
+        def _forward_decode_extrapolated(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                                         save_kv_cache: bool = True):
+            """Pre-RoPE K into the pool, selection with q rotated to n_local, FlashInfer decode with
+            in-kernel RoPE on the pre-RoPE q (the parent's call would reset the RoPE parameters)."""
+            q_pre, k_pre, q_sel = self._rerotate(q, k, layer, forward_batch)
+            self._select(q_sel, layer, forward_batch)
+            if k_pre is not None and save_kv_cache:
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k_pre, v,
+                                                    *self._kv_write_scales(layer))
+            wrapper = self.forward_metadata.decode_wrappers[0]
+            o = wrapper.forward(
+                q_pre.contiguous(), self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
+                sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
+                k_scale=layer.k_scale_float, v_scale=layer.v_scale_float, **self._rope_kwargs(),
+            )
+            return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 
     return TokenSelectFlashInferBackend
 

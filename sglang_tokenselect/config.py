@@ -34,6 +34,11 @@ class TokenSelectConfig:
         prefill_chunk: sub-chunk size ``c``, in queries, on absolute positions; with
             ``sparse_prefill`` it must not exceed ``n_local`` (a sub-chunk's own queries are
             local).
+        extrapolate: length extrapolation (the paper's): the KV pool holds pre-RoPE keys,
+            attention applies RoPE in-kernel over positions in the attended list (so they stay
+            below the budget however long the context), the selection scores the query rotated
+            to position ``n_local`` against pre-RoPE keys. Needs ``sparse_prefill`` (a prompt
+            past the model's window must be prefilled over its selections).
     """
 
     n_init: int = 128
@@ -44,6 +49,7 @@ class TokenSelectConfig:
     vote: Vote = "soft"
     sparse_prefill: bool = False
     prefill_chunk: int = 512
+    extrapolate: bool = False
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -93,6 +99,11 @@ def validate_config(cfg: TokenSelectConfig) -> None:
         raise ValueError(
             f"--tokenselect-sparse-prefill needs --tokenselect-n-local ({cfg.n_local}) >= "
             f"--tokenselect-prefill-chunk ({cfg.prefill_chunk}): a sub-chunk's queries must lie in its local window"
+        )
+    if cfg.extrapolate and not cfg.sparse_prefill:
+        raise ValueError(
+            "--tokenselect-extrapolate needs --tokenselect-sparse-prefill: a prompt past the model's window must be "
+            "prefilled over its selections (dense prefill would place keys at positions it was not trained on)"
         )
 
 

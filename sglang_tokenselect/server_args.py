@@ -115,7 +115,20 @@ FLAGS = {
 }
 
 
-SPARSE_PREFILL_FLAG = "--tokenselect-sparse-prefill"  # takes no value
+SPARSE_PREFILL_FLAG = "--tokenselect-sparse-prefill"
+EXTRAPOLATE_FLAG = "--tokenselect-extrapolate"
+# Switches: flags without a value (off unless given), each with its help text.
+SWITCHES = {
+    SPARSE_PREFILL_FLAG: (
+        "Chunk-wise sparse prefill: each sub-chunk of --tokenselect-prefill-chunk queries attends n_init + "
+        "top-k (its mean query's vote) + n_local tokens. Off by default (no accuracy evidence on a GPU yet)."),
+    EXTRAPOLATE_FLAG: (
+        "Length extrapolation: pre-RoPE keys in the KV pool, RoPE applied by FlashInfer over positions in the "
+        "attended list, so prompts may exceed the model's trained context (with --context-length). Needs "
+        "--tokenselect-sparse-prefill and a model with plain (or linearly scaled) RoPE. Off by default."),
+}
+# SGLang refuses a --context-length above the model's unless this is set (ModelConfig).
+LONGER_CONTEXT_ENV = "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"
 
 
 def attribute(flag: str) -> str:
@@ -128,10 +141,8 @@ def add_tokenselect_args(parser: argparse.ArgumentParser) -> None:
     for flag, (_, default, help_text) in FLAGS.items():
         shown = "layer" if default is None else default
         group.add_argument(flag, default=None, help=f"{help_text} Default: {shown}.")
-    group.add_argument(SPARSE_PREFILL_FLAG, action="store_true", default=_DEFAULTS.sparse_prefill,
-                       help="Chunk-wise sparse prefill: each sub-chunk of --tokenselect-prefill-chunk queries "
-                            "attends n_init + top-k (its mean query's vote) + n_local tokens. Off by default "
-                            "(no accuracy evidence on a GPU yet).")
+    for flag, help_text in SWITCHES.items():
+        group.add_argument(flag, action="store_true", default=False, help=help_text)
 
 
 def parse_tokenselect_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,7 +152,8 @@ def parse_tokenselect_args(args: argparse.Namespace) -> dict[str, Any]:
     for flag, (parse, default, _) in FLAGS.items():
         text = getattr(args, attribute(flag))
         values[attribute(flag)] = default if text is None else parse(text)
-    values[attribute(SPARSE_PREFILL_FLAG)] = bool(getattr(args, attribute(SPARSE_PREFILL_FLAG), False))
+    for flag in SWITCHES:
+        values[attribute(flag)] = bool(getattr(args, attribute(flag), False))
     return values
 
 
@@ -157,6 +169,7 @@ def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
         vote=values["tokenselect_vote"],
         sparse_prefill=values["tokenselect_sparse_prefill"],
         prefill_chunk=values["tokenselect_prefill_chunk"],
+        extrapolate=values["tokenselect_extrapolate"],
     )
 
 
@@ -221,6 +234,8 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
         reason = unsupported_reason(args, attention_backends(args))
         if reason:
             raise SystemExit(f"error: {reason}")
+        if config is not None and config.extrapolate:
+            allow_longer_context(getattr(args, "context_length", None))
     token = _PENDING_CONFIG.set(config)
     try:
         server_args = original(cls, args, *rest, **kwargs)
@@ -230,6 +245,29 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
         setattr(server_args, CONFIG_ATTR, config)
         setattr(server_args, STATS_ATTR, parse_tokenselect_args(args)["tokenselect_stats_interval"])
     return server_args
+
+
+def allow_longer_context(context_length: Optional[int]) -> None:
+    """Extrapolation serves prompts past the model's trained context when ``--context-length``
+    asks for it: SGLang's ModelConfig refuses a context length above the model's unless
+    ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN`` is set. Set it here (inherited by SGLang's
+    scheduler processes, started later) unless the user set it; log what is in effect."""
+    import os
+
+    if context_length is None:
+        logger.warning(
+            "TokenSelect: %s is on but --context-length is not given: SGLang keeps the model's own context "
+            "length; pass --context-length N to accept longer prompts.", EXTRAPOLATE_FLAG)
+        return
+    if LONGER_CONTEXT_ENV not in os.environ:
+        os.environ[LONGER_CONTEXT_ENV] = "1"
+        logger.info("TokenSelect: %s sets %s=1 so that --context-length %d may exceed the model's trained "
+                    "context.", EXTRAPOLATE_FLAG, LONGER_CONTEXT_ENV, context_length)
+    elif os.environ[LONGER_CONTEXT_ENV].strip().lower() not in ("1", "true", "yes", "y"):
+        logger.warning("TokenSelect: %s=%s (set by you) keeps SGLang from accepting --context-length %d above "
+                       "the model's trained context.", LONGER_CONTEXT_ENV, os.environ[LONGER_CONTEXT_ENV],
+                       context_length)
+    logger.info("TokenSelect: length extrapolation requested, context length %d tokens.", context_length)
 
 
 def after_attention_backend_compatibility(result, server_args, *args, **kwargs):

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-scale", type=score_scale_type("--score-scale"), default=1.0,
                    help="a positive number, or 'layer'")
     p.add_argument("--vote", choices=VOTES, default="soft")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="length extrapolation: sparse prefill in chunks, RoPE over positions in the attended "
+                        "list; --length may exceed the model's context")
+    p.add_argument("--prefill-chunk", type=int_at_least("--prefill-chunk", 1), default=None,
+                   help="sparse prefill sub-chunk with --extrapolate (default: --n-local)")
     p.add_argument("--max-new-tokens", type=int_at_least("--max-new-tokens", 1), default=None,
                    help="default 16 (48 for kv)")
     p.add_argument("--model-dir", default=None,
@@ -75,9 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TokenSelectConfig:
+    extrapolate = bool(getattr(args, "extrapolate", False))
+    chunk = getattr(args, "prefill_chunk", None) or args.n_local
+    if extrapolate and chunk > args.n_local:
+        raise DemoError(f"--prefill-chunk {chunk} must be <= --n-local {args.n_local}")
     return TokenSelectConfig(n_init=args.n_init, n_local=args.n_local, topk=args.topk,
                              cache_threshold=args.cache_threshold, score_scale=args.score_scale,
-                             vote=args.vote)
+                             vote=args.vote, sparse_prefill=extrapolate, prefill_chunk=chunk,
+                             extrapolate=extrapolate)
 
 
 def max_new_tokens(args: argparse.Namespace) -> int:
@@ -95,7 +105,12 @@ def resolve_model_dir(model_dir: Optional[str]) -> Path:
 
 
 def check_length_fits(args: argparse.Namespace, context: int) -> None:
-    """The prompt and the answer must fit the model's context."""
+    """The prompt and the answer must fit the model's context (unless extrapolating)."""
+    if getattr(args, "extrapolate", False):
+        if args.length + max_new_tokens(args) > context:
+            logger.warning("--length %d is past the model's context of %d tokens: length extrapolation",
+                           args.length, context)
+        return
     if args.length + max_new_tokens(args) > context:
         raise DemoError(f"--length {args.length} plus {max_new_tokens(args)} new tokens exceeds the "
                         f"model's context of {context} tokens")
@@ -136,16 +151,23 @@ def run(args: argparse.Namespace) -> dict:
         "config": {
             "n_init": cfg.n_init, "n_local": cfg.n_local, "topk": cfg.topk,
             "cache_threshold": cfg.cache_threshold, "score_scale": cfg.score_scale, "vote": cfg.vote,
+            "extrapolate": cfg.extrapolate, "prefill_chunk": cfg.prefill_chunk,
         },
     }
-    t0 = time.perf_counter()
-    prompt = prefill(model, tokenizer, sample.messages)  # dense for both: TokenSelect selects at decode
-    result["prefill_seconds"] = time.perf_counter() - t0
+    prompt = None
+    if not (cfg.extrapolate and args.skip_dense):
+        t0 = time.perf_counter()
+        prompt = prefill(model, tokenizer, sample.messages)  # dense (shared unless extrapolating)
+        result["prefill_seconds"] = time.perf_counter() - t0
     if not args.skip_dense:
         t0 = time.perf_counter()
         dense = decode(model, tokenizer, prompt, max_new_tokens=max_new)
         result["dense"] = {"answer": dense, "correct": sample.score(dense), "seconds": time.perf_counter() - t0}
     session = TokenSelectSession(cfg)
+    if cfg.extrapolate:  # its own sparse prefill, pre-RoPE keys re-rotated over list positions
+        t0 = time.perf_counter()
+        prompt = prefill(model, tokenizer, sample.messages, session=session)
+        result["sparse_prefill_seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sparse = decode(model, tokenizer, prompt, session=session, max_new_tokens=max_new)
     totals = session.totals()
@@ -163,14 +185,21 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _print(result: dict) -> None:
+    prefills = []
+    if "prefill_seconds" in result:
+        prefills.append(f"dense prefill {result['prefill_seconds']:.1f}s")
+    if "sparse_prefill_seconds" in result:
+        prefills.append(f"extrapolated sparse prefill {result['sparse_prefill_seconds']:.1f}s")
     print(f"task {result['task']}: {result['length']} tokens, needle at depth {result['depth']:.2f} "
           f"(token {result['needle_token_pos']}), expected {result['expected']!r}; "
-          f"dense prefill {result['prefill_seconds']:.1f}s, decode times below")
+          f"{', '.join(prefills)}, decode times below")
     c = result["config"]
     rows = []
     if "dense" in result:
         rows.append(("dense", result["dense"]))
-    rows.append((f"tokenselect (n_init={c['n_init']}, topk={c['topk']}, n_local={c['n_local']})", result["tokenselect"]))
+    mode = ", extrapolated" if c.get("extrapolate") else ""
+    rows.append((f"tokenselect (n_init={c['n_init']}, topk={c['topk']}, n_local={c['n_local']}{mode})",
+                 result["tokenselect"]))
     for name, r in rows:
         mark = "RIGHT" if r["correct"] else "WRONG"
         print(f"  {name:<46} {mark}  {r['answer'].strip()!r}  ({r['seconds']:.1f}s)")

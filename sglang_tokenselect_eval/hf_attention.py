@@ -24,6 +24,15 @@ sequence).
 Positions are logical positions within each request: with left padding (batched
 ``generate`` with an attention mask), padded slots are removed before selecting, so
 ``n_init`` counts from the first real token.
+
+Length extrapolation (``TokenSelectConfig(extrapolate=True, sparse_prefill=True)``): the
+session takes the model's RoPE from its config (``rope.rope_spec_of_hf_config``: plain or
+linear RoPE only), and :func:`prefill` runs the prompt in chunks of ``prefill_chunk`` tokens
+through the sparse prefill. In every layer, the keys transformers cached (rotated at their
+true positions) and the queries are un-rotated in float32, the selection scores the query
+rotated to position ``n_local`` against pre-RoPE keys, and the attention re-applies RoPE over
+positions in the attended list (``reference.paged_*_attention_reference(rope=...)``, the
+semantics of FlashInfer's ``ROPE_LLAMA``), so no position exceeds the budget.
 """
 
 from __future__ import annotations
@@ -38,11 +47,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from sglang_tokenselect.config import TokenSelectConfig
+from sglang_tokenselect.kernels import reference as ref
 from sglang_tokenselect.kernels.reference import (
     COUNTERS,
     kv_indptr_reference,
     paged_decode_attention_reference,
 )
+from sglang_tokenselect.rope import RopeSpec, check_budget_within_window, rope_spec_of_hf_config
 from sglang_tokenselect.selection import SelectionCache, Selector, TorchSelectionOps
 
 logger = logging.getLogger(__name__)
@@ -106,9 +117,10 @@ class TokenSelectSession:
     :meth:`reset` before each new generation (``generate`` does).
     """
 
-    def __init__(self, config: TokenSelectConfig, *, enabled: bool = True):
+    def __init__(self, config: TokenSelectConfig, *, enabled: bool = True, rope: Optional[RopeSpec] = None):
         self.config = config
         self.enabled = enabled
+        self.rope = rope  # with config.extrapolate: the model's RoPE (attach_session reads it from the config)
         self.layers: dict[int, LayerStats] = {}
         self._selectors: dict[int, Selector] = {}
         self._ops = TorchSelectionOps()
@@ -177,17 +189,63 @@ class TokenSelectSession:
         attn_scale = float(scaling if scaling is not None else module.scaling)
         cfg = self.config
         view = PagedView.of(key, value, attention_mask)
-        q = query[:, :, 0, :]  # [B, H_q, D]
+        q = q_sel = query[:, :, 0, :]  # [B, H_q, D]
+        rope = None
+        if cfg.extrapolate:
+            view = self._pre_rope_view(view)
+            q, q_sel = self._pre_rope_queries(q, view.seq_lens - 1)
+            rope = self.rope.params
         kv_indptr = kv_indptr_reference(view.seq_lens, n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk)
         kv_indices = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=query.device)
         selector = self._selector(layer, bsz, n_heads * head_dim, query.device)
         before = selector.cache.counts()
-        selector.select(0, q, view.k_buffer, view.req_to_token, torch.arange(bsz, device=query.device),
+        selector.select(0, q_sel, view.k_buffer, view.req_to_token, torch.arange(bsz, device=query.device),
                         view.seq_lens, kv_indptr, kv_indices, cfg.scale_for(attn_scale),
                         self._ops.alloc_scratch(bsz, None, n_heads, query.device))
         self._count(layer, before, selector.cache.counts(), kv_indptr, view.seq_lens)
-        out = paged_decode_attention_reference(q, view.k_buffer, view.v_buffer, kv_indptr, kv_indices, attn_scale)
+        out = paged_decode_attention_reference(q, view.k_buffer, view.v_buffer, kv_indptr, kv_indices, attn_scale,
+                                               rope=rope)
         return out[:, None]
+
+    # ------------------------------------------------------------------ length extrapolation
+    def _pre_rope_view(self, view: PagedView) -> PagedView:
+        """The view with its keys un-rotated: slot ``req_to_token[b, p]`` was rotated at position p."""
+        positions = torch.zeros(view.k_buffer.shape[0], dtype=torch.long, device=view.k_buffer.device)
+        for b, n in enumerate(view.seq_lens.tolist()):
+            positions[view.req_to_token[b, :n].long()] = torch.arange(n, device=positions.device)
+        keys = ref.rope_unrotate_reference(view.k_buffer, positions, *self.rope.params).to(view.k_buffer.dtype)
+        return dataclasses.replace(view, k_buffer=keys)
+
+    def _pre_rope_queries(self, q: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, H_q, D] rotated at positions [T] -> (q_pre, q_sel), as the backend computes them."""
+        q_pre, _, q_sel = ref.extrapolation_qk_reference(q, q[:, :0], positions, theta=self.rope.theta,
+                                                         scale=self.rope.scale, n_local=self.config.n_local)
+        return q_pre, q_sel
+
+    def prefill_attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                          scaling: Optional[float]) -> torch.Tensor:
+        """Sparse prefill of one request's chunk under extrapolation (the runtime's sub-chunk rule,
+        ``reference.sparse_prefill_select_reference``, over pre-RoPE keys).
+
+        query [1, H_q, T, D] (the chunk, at positions L - T .. L - 1), key/value [1, H_kv, L, D].
+        Returns [1, T, H_q, Dv].
+        """
+        if query.shape[0] != 1 or (attention_mask is not None and _valid_positions(
+                attention_mask, 0, key.shape[2], key.device).numel() != key.shape[2]):
+            raise ValueError("length extrapolation prefills one unpadded request at a time")
+        cfg, t = self.config, query.shape[2]
+        attn_scale = float(scaling if scaling is not None else module.scaling)
+        view = self._pre_rope_view(PagedView.of(key, value, None))
+        length = int(view.seq_lens[0])
+        q_pre, q_sel = self._pre_rope_queries(query[0].transpose(0, 1), torch.arange(length - t, length))
+        rows = torch.zeros(1, dtype=torch.long)
+        qo_indptr, kv_indptr, kv_indices = ref.sparse_prefill_select_reference(
+            q_sel, view.k_buffer, view.req_to_token, rows, [length - t], [t], chunk=cfg.prefill_chunk,
+            n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk, scale=cfg.scale_for(attn_scale), vote=cfg.vote)
+        out = ref.paged_prefill_attention_reference(q_pre, view.k_buffer, view.v_buffer, qo_indptr, kv_indptr,
+                                                    kv_indices, attn_scale, rope=self.rope.params)
+        return out[None]
 
     def _count(self, layer: int, before: dict, after: dict, kv_indptr: torch.Tensor, seq_lens: torch.Tensor) -> None:
         step = {name: after[name] - before[name] for name in COUNTERS}
@@ -229,6 +287,8 @@ def tokenselect_attention_forward(
         )
     if query.shape[2] != 1:
         session.forget_layer(int(getattr(module, "layer_idx", 0)))
+        if session.config.extrapolate:
+            return session.prefill_attention(module, query, key, value, attention_mask, scaling), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -263,6 +323,9 @@ def attach_session(model: torch.nn.Module, session: Optional[TokenSelectSession]
             f"model uses attn_implementation={impl!r}; load it with "
             f"attn_implementation={ATTN_IMPLEMENTATION!r} after register()"
         )
+    if session is not None and session.config.extrapolate and session.rope is None:
+        session.rope = rope_spec_of_hf_config(model.config)  # refuses RoPE FlashInfer cannot apply
+        check_budget_within_window(session.rope, session.config.budget)
     for m in _attention_modules(model):
         m.__dict__[SESSION_ATTR] = session
     model.__dict__[SESSION_ATTR] = session
@@ -292,14 +355,28 @@ class PrefilledPrompt:
 
 
 @torch.inference_mode()
-def prefill(model, tokenizer, messages: list[dict[str, str]]) -> PrefilledPrompt:
-    """Dense prefill of ``messages`` (chat template, generation prompt) on ``model``."""
+def prefill(model, tokenizer, messages: list[dict[str, str]], *,
+            session: Optional[TokenSelectSession] = None) -> PrefilledPrompt:
+    """Prefill of ``messages`` (chat template, generation prompt) on ``model``: dense, or with a
+    session whose config extrapolates, sparse in chunks of ``prefill_chunk`` tokens (the grid of
+    the sub-chunks, so each chunk is one sub-chunk)."""
     ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )["input_ids"].to(model.device)
-    with attached(model, None):
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return PrefilledPrompt(out.past_key_values, int(out.logits[0, -1].argmax()), ids.shape[1])
+    if session is None or not session.config.extrapolate:
+        with attached(model, None):
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return PrefilledPrompt(out.past_key_values, int(out.logits[0, -1].argmax()), ids.shape[1])
+    session.reset()
+    cache, chunk = None, session.config.prefill_chunk
+    with attached(model, session):
+        for start in range(0, ids.shape[1], chunk):
+            out = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            cache = out.past_key_values
+    logger.info("tokenselect: %d prompt tokens prefilled sparsely in chunks of %d (extrapolation, %s)",
+                ids.shape[1], chunk, session.rope.describe())
+    return PrefilledPrompt(cache, int(out.logits[0, -1].argmax()), ids.shape[1])
 
 
 @torch.inference_mode()
@@ -348,5 +425,5 @@ def generate(
     max_new_tokens: int = 24,
 ) -> str:
     """Greedy chat completion of ``messages`` (:func:`prefill`, then :func:`decode`)."""
-    return decode(model, tokenizer, prefill(model, tokenizer, messages), session=session,
+    return decode(model, tokenizer, prefill(model, tokenizer, messages, session=session), session=session,
                   max_new_tokens=max_new_tokens)

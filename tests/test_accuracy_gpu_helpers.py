@@ -49,3 +49,23 @@ def test_summary_reports_hit_rate_by_length():
     summary = acc.summarize(results)
     assert summary["ts5_t0.9"]["hit_rate_by_length"] == {"4096": 0.25, "8000": None}
     assert "hit rate" in acc.format_summary(summary)
+
+
+def test_extrapolation_runs_context_length_and_summary(tmp_path):
+    """benchmarks/extrapolation_gpu.py: the servers' context holds the longest prompt and its
+    answer; the three runs' flags; its summary goes through accuracy_gpu's."""
+    import extrapolation_gpu as xg
+
+    assert xg.context_length([8000, 65536]) == 66560 and xg.context_length([8000]) == 8192
+    assert "--tokenselect-extrapolate" in xg.RUNS["ts_extrapolate"] and "--tokenselect-extrapolate" not in xg.RUNS["ts"]
+    assert "--tokenselect-sparse-prefill" in xg.RUNS["ts_extrapolate"]
+    cells = [{"task": "passkey", "length": 16384, "depth": 0.5, "correct": c, "answer": a, "error": None}
+             for c, a in ((False, "1"), (True, "2"))]
+    results = {"runs": {"dense": {"cells": cells[:1], "selection_cache": {}},
+                        "ts_extrapolate": {"cells": cells[1:], "selection_cache": {"all": {"hit_rate": 0.5}}}}}
+    summary = acc.summarize(results)
+    assert summary["ts_extrapolate"]["same_answer_as_dense"] == 0.0
+    assert summary["ts_extrapolate"]["hit_rate_by_length"] == {"all": 0.5}
+    log = tmp_path / "s.log"
+    log.write_text("INFO TokenSelect: length extrapolation in effect: pre-RoPE keys ...\n")
+    assert xg.extrapolation_logged(SimpleNamespace(log_path=str(log)))

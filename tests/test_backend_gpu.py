@@ -56,13 +56,13 @@ class CapturedDecode:
     """One decode step of the kit's attention module captured in a real CUDA graph for ``bs``
     requests (contexts of length 1 at capture), ready to replay other batches."""
 
-    def __init__(self, bs: int, config: "TokenSelectConfig", seed: int):
+    def __init__(self, bs: int, config: "TokenSelectConfig", seed: int, rope=None):
         from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
 
         self.gen = torch.Generator().manual_seed(seed)
         self.fx = build(decode_case((0,) * bs, 8, 2, name=f"graph_capture_{bs}"), seed, device="cuda",
                         head_dim=64, disable_cuda_graph=False, runner_batch_size=bs).fixture
-        self.backend = type(self.fx.backend)(self.fx.runner, config)
+        self.backend = type(self.fx.backend)(self.fx.runner, config, rope=rope)
         self.batch, self.hidden = self.fx.forward_batch, self.fx.input_hidden.clone()
         self.context = lambda: forward_context(ForwardContext(attn_backend=self.backend))  # noqa: E731
         with torch.no_grad(), self.context():
@@ -172,3 +172,88 @@ def test_sparse_extend_flashinfer_attends_its_selection():
                                       top_of=top_of)
     assert torch.isfinite(actual).all(), f"seed {run.seed}"
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=f"seed {run.seed}")
+
+
+# --- length extrapolation (written without a GPU; first run pending). FlashInfer applies RoPE
+# in-kernel (ROPE_LLAMA); the CPU tests (tests/test_extrapolation.py) check the same semantics
+# through the PyTorch references. --------------------------------------------------------------
+
+WIDE = dict(n_init=4, n_local=16, topk=200, cache_threshold=1.0)  # budget 220 >= the kit's contexts
+
+
+@pytest.mark.parametrize("case_args", [
+    ("decode", (7, 30, 100), (), 4, 4),
+    ("decode", (1, 17, 60, 120), (), 8, 2),
+    ("extend", (0, 5, 20), (9, 3, 1), 4, 4),
+    ("extend", (4, 0, 33), (12, 70, 40), 8, 2),
+], ids=["mha_decode", "gqa_decode", "mha_extend", "gqa_extend"])
+def test_extrapolation_with_budget_covering_context_equals_flashinfer(case_args):
+    """Pre-RoPE keys in the pool, FlashInfer's in-kernel RoPE over list positions (= true positions
+    here): the output equals FlashInfer over keys SGLang rotated."""
+    from test_extrapolation import normal_and_extrapolated
+
+    mode, prefix, ext, hq, hkv = case_args
+    case = (decode_case(prefix, hq, hkv, name=f"gx{mode}") if mode == "decode"
+            else extend_case(prefix, ext, hq, hkv, name=f"gx{mode}"))
+    run = build(case, fresh_seed(), device="cuda", head_dim=64)
+    fx = run.fixture
+    cls = type(fx.backend)
+    normal, native, extrapolated, backend = normal_and_extrapolated(
+        fx, TokenSelectConfig(**WIDE),
+        TokenSelectConfig(**WIDE, sparse_prefill=True, prefill_chunk=8, extrapolate=True),
+        backend_cls=cls, native_cls=FlashInferAttnBackend)
+    assert backend.ts_rope is not None
+    torch.testing.assert_close(normal, native, atol=ATOL, rtol=RTOL, msg=f"seed {run.seed}")
+    torch.testing.assert_close(extrapolated, normal, atol=ATOL, rtol=RTOL, msg=f"seed {run.seed}")
+
+
+def test_extrapolation_small_budget_decode_equals_the_cpu_reference():
+    """Past the budget: FlashInfer's RoPE decode over the Triton selection equals the reference
+    attention with rope=(theta, scale) over the same slots (query at n - 1, keys at 0..n-1)."""
+    from test_extrapolation import ROPE, roped_forward, rotary_for_tests, write_prefix
+
+    from sglang_tokenselect.kernels import reference as ref
+
+    case = decode_case((9, 40, 90, 200), 8, 2, name="gx_sparse")
+    run = build(case, fresh_seed(), device="cuda", head_dim=64)
+    fx = run.fixture
+    cfg = TokenSelectConfig(**SMALL, cache_threshold=1.0, sparse_prefill=True, prefill_chunk=4, extrapolate=True)
+    backend = type(fx.backend)(fx.runner, cfg, rope=ROPE)
+    write_prefix(fx, fx.forward_batch, fx.prefix_hidden)
+    rotary = rotary_for_tests("cuda")
+    captured = {}
+    attn = fx.actual_module.attn
+    original = attn.forward
+
+    def spy(q, k, v, forward_batch, *args, **kwargs):
+        captured["q"], captured["k"] = q.clone(), k.clone()
+        return original(q, k, v, forward_batch, *args, **kwargs)
+
+    attn.forward = spy
+    try:
+        roped_forward(fx, backend, rotary)
+    finally:
+        attn.forward = original
+    step = backend.ts_step
+    q_pre, _, _ = backend._rerotate(captured["q"], captured["k"], attn, fx.forward_batch)
+    pool = fx.runner.token_to_kv_pool
+    want = ref.paged_decode_attention_reference(
+        q_pre.cpu(), pool.get_key_buffer(0).cpu(), pool.get_value_buffer(0).cpu(), step.kv_indptr.cpu(),
+        step.kv_indices.cpu(), attn.scaling, rope=ROPE.params)
+    got = backend.forward_decode(captured["q"], None, None, attn, fx.forward_batch, save_kv_cache=False)
+    torch.testing.assert_close(got.view(want.shape).cpu(), want, atol=ATOL, rtol=RTOL, msg=f"seed {run.seed}")
+
+
+def test_extrapolation_decode_cuda_graph_replay_equals_eager():
+    """The decode CUDA graph's plan (SGLang's fast_decode_plan) keeps FlashInfer's RoPE kernel and
+    parameters: a replay equals an eager step of a fresh backend on the same batch."""
+    from test_extrapolation import ROPE
+
+    seed = fresh_seed()
+    cfg = TokenSelectConfig(**SMALL, cache_threshold=1.0, sparse_prefill=True, prefill_chunk=4, extrapolate=True)
+    cap = CapturedDecode(4, cfg, seed, rope=ROPE)
+    cap.load((13, 40, 90, 0))
+    out = cap.replay()
+    eager = type(cap.backend)(cap.fx.runner, cfg, rope=ROPE)
+    want = forward(cap.fx, eager, cap.batch, cap.hidden)
+    torch.testing.assert_close(out[:3], want[:3], atol=ATOL, rtol=RTOL, msg=f"seed {seed}")

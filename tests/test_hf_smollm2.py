@@ -154,13 +154,13 @@ def test_selection_cache_hits_misses_and_local_window(seed):
     assert off.summary()["hit_rate"] == 0.0
 
 
-def _tiny_llama(seed: int):
+def _tiny_llama(seed: int, vocab: int = 97):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     register()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
         pad_token_id=0, eos_token_id=None, bos_token_id=None,
     )
@@ -229,6 +229,81 @@ def test_attach_requires_tokenselect_model(seed):
                                          num_key_value_heads=1, attn_implementation="sdpa"))
     with pytest.raises(ValueError, match="attn_implementation"):
         attach_session(model, TokenSelectSession(TokenSelectConfig()))
+
+
+# --------------------------------------------------------------------------- length extrapolation
+
+EXTRAPOLATE = dict(sparse_prefill=True, extrapolate=True, cache_threshold=1.0)
+
+
+def test_extrapolation_with_budget_covering_the_context_equals_dense(seed):
+    """Pre-RoPE keys, RoPE over list positions = true positions: the logits of the prompt and of
+    every decode step are dense attention's."""
+    model = _tiny_llama(seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (1, 150), generator=gen)
+    nxt = torch.randint(3, 97, (1, 6), generator=gen)
+    ones = torch.ones_like(ids)
+    model.set_attn_implementation("sdpa")
+    dense = _teacher_forced(model, ids, ones, nxt)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    session = TokenSelectSession(TokenSelectConfig(n_init=4, n_local=16, topk=400, prefill_chunk=16, **EXTRAPOLATE))
+    attach_session(model, session)
+    assert session.rope.theta == model.config.rope_parameters["rope_theta"]
+    torch.testing.assert_close(_teacher_forced(model, ids, ones, nxt), dense, atol=1e-4, rtol=1e-4,
+                               msg=lambda m: f"seed={seed}: {m}")
+    attach_session(model, None)
+
+
+def test_extrapolated_prefill_past_the_window_is_chunking_invariant(seed):
+    """A 700-token prompt on a model trained on 512 positions, budget 4 + 48 + 16: prefilled in
+    one call or in grid chunks (hf_attention.prefill's way) the logits agree, and they are
+    finite. The prompt repeats no token: pre-RoPE keys carry no position, so in the first layer
+    two copies of a token have the same key and tie in every vote (a tie is broken differently
+    by rows of different widths). q and k weights are scaled up: a random init's votes are near
+    ties, which float32 noise would reorder."""
+    model = _tiny_llama(seed, vocab=1024)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3)
+            layer.self_attn.k_proj.weight.mul_(3)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(1024, generator=gen)[:700][None]
+    cfg = TokenSelectConfig(n_init=4, n_local=16, topk=48, prefill_chunk=16, **EXTRAPOLATE)
+    session = TokenSelectSession(cfg)
+    attach_session(model, session)
+    with torch.inference_mode():
+        whole = model(input_ids=ids, use_cache=True).logits[0]
+        cache, parts = None, []
+        for start in range(0, 700, 48):  # SGLang-like chunks: 3 sub-chunks each
+            out = model(input_ids=ids[:, start : start + 48], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            parts.append(out.logits[0])
+    attach_session(model, None)
+    chunked = torch.cat(parts)
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4, msg=lambda m: f"seed={seed}: {m}")
+
+
+def test_extrapolation_refuses_rope_flashinfer_cannot_apply(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sglang_tokenselect.rope import BudgetBeyondWindowError, UnsupportedRopeError
+
+    register()
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64})
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    model = LlamaForCausalLM(config).eval()
+    with pytest.raises(UnsupportedRopeError, match="llama3-style RoPE scaling"):
+        attach_session(model, TokenSelectSession(TokenSelectConfig(n_init=4, n_local=16, topk=8, prefill_chunk=16,
+                                                                   **EXTRAPOLATE)))
+    with pytest.raises(BudgetBeyondWindowError, match="trained context \\(512 tokens\\)"):
+        attach_session(_tiny_llama(seed), TokenSelectSession(TokenSelectConfig(n_init=4, n_local=16, topk=600,
+                                                                               prefill_chunk=16, **EXTRAPOLATE)))
 
 
 # --------------------------------------------------------------------------- SmolLM2

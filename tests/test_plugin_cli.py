@@ -221,3 +221,45 @@ def test_launch_server_defaults_to_tokenselect():
         "--attention-backend", "tokenselect", "--model-path", "m"]
     assert with_default_backend(["--attention-backend=flashinfer"]) == ["--attention-backend=flashinfer"]
     assert with_default_backend(["--decode-attention-backend", "x"])[0] == "--decode-attention-backend"
+
+
+def test_extrapolate_flag_parses_and_needs_sparse_prefill(tiny_model):
+    assert config_from_namespace(parse()).extrapolate is False
+    on = config_from_namespace(parse("--tokenselect-sparse-prefill", "--tokenselect-extrapolate"))
+    assert on.extrapolate and on.sparse_prefill
+    with pytest.raises(ValueError, match="--tokenselect-extrapolate needs --tokenselect-sparse-prefill") as exc:
+        server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-extrapolate")
+    assert "\n" not in str(exc.value)
+
+
+def test_extrapolate_accepts_a_context_length_past_the_model(tiny_model, monkeypatch):
+    """The tiny model was trained on 4,096 tokens: SGLang refuses --context-length 16384 unless
+    SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN is set, which extrapolation sets (and logs)."""
+    import os
+
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from sglang_tokenselect import server_args as hooks
+
+    lines = []
+    record = lambda msg, *args: lines.append(msg % args)  # noqa: E731
+    monkeypatch.setattr(hooks, "logger", type("L", (), {"info": staticmethod(record), "warning": staticmethod(record)}))
+    monkeypatch.delenv(hooks.LONGER_CONTEXT_ENV, raising=False)
+    with pytest.raises(ValueError, match=hooks.LONGER_CONTEXT_ENV):  # SGLang's own check, without extrapolation
+        ModelConfig.from_server_args(server_args(tiny_model, "--attention-backend", "tokenselect",
+                                                 "--context-length", "16384"))
+    sa = server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill",
+                     "--tokenselect-extrapolate", "--context-length", "16384")
+    assert os.environ[hooks.LONGER_CONTEXT_ENV] == "1"
+    assert sa._tokenselect_config.extrapolate
+    assert ModelConfig.from_server_args(sa).context_len == 16384
+    assert any("length extrapolation requested, context length 16384" in line for line in lines), lines
+    monkeypatch.setenv(hooks.LONGER_CONTEXT_ENV, "0")  # the user's choice is kept, with a warning
+    with pytest.raises(ValueError, match=hooks.LONGER_CONTEXT_ENV):
+        server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill",
+                    "--tokenselect-extrapolate", "--context-length", "16384")
+    assert os.environ[hooks.LONGER_CONTEXT_ENV] == "0" and any("keeps SGLang from accepting" in x for x in lines)
+    lines.clear()
+    server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill",
+                "--tokenselect-extrapolate")
+    assert any("--context-length is not given" in line for line in lines), lines
