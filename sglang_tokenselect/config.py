@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 Vote = Literal["soft", "sum"]
 VOTES: tuple[str, ...] = ("soft", "sum")
+TP_VOTES: tuple[str, ...] = ("global", "local")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class TokenSelectConfig:
         prefill_chunk: sub-chunk size ``c``, in queries, on absolute positions; with
             ``sparse_prefill`` it must not exceed ``n_local`` (a sub-chunk's own queries are
             local).
+        tp_vote: under attention tensor parallelism, ``"global"`` sums the ranks' partial
+            votes and cache cosines (every rank attends the same tokens, the paper's method);
+            ``"local"`` votes over each rank's own heads (ranks may select differently).
     """
 
     n_init: int = 128
@@ -44,6 +48,7 @@ class TokenSelectConfig:
     vote: Vote = "soft"
     sparse_prefill: bool = False
     prefill_chunk: int = 512
+    tp_vote: str = "global"
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -87,6 +92,8 @@ def validate_config(cfg: TokenSelectConfig) -> None:
         )
     if cfg.vote not in VOTES:
         raise ValueError(f"--tokenselect-vote must be one of {VOTES}, got {cfg.vote!r}")
+    if cfg.tp_vote not in TP_VOTES:
+        raise ValueError(f"--tokenselect-tp-vote must be one of {TP_VOTES}, got {cfg.tp_vote!r}")
     if not isinstance(cfg.prefill_chunk, int) or cfg.prefill_chunk < 1:
         raise ValueError(f"--tokenselect-prefill-chunk must be an integer >= 1, got {cfg.prefill_chunk!r}")
     if cfg.sparse_prefill and cfg.n_local < cfg.prefill_chunk:

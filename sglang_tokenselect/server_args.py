@@ -15,7 +15,7 @@ import contextvars
 import logging
 from typing import Any, Callable, Optional
 
-from sglang_tokenselect.config import VOTES, TokenSelectConfig, parse_score_scale
+from sglang_tokenselect.config import TP_VOTES, VOTES, TokenSelectConfig, parse_score_scale
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,11 @@ def score_scale_type(option: str) -> Callable[[str], Optional[float]]:
     return parse
 
 
-def vote_type(option: str) -> Callable[[str], str]:
-    """argparse type: one of ``VOTES``; errors name ``option``."""
+def choice_type(option: str, choices: tuple[str, ...] = VOTES) -> Callable[[str], str]:
+    """argparse type: one of ``choices``; errors name ``option``."""
     def parse(text: str) -> str:
-        if text not in VOTES:
-            raise argparse.ArgumentTypeError(f"{option} must be one of {', '.join(VOTES)}, got {text!r}")
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{option} must be one of {', '.join(choices)}, got {text!r}")
         return text
 
     return parse
@@ -105,8 +105,12 @@ FLAGS = {
         score_scale_type("--tokenselect-score-scale"), _DEFAULTS.score_scale,
         "c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
         "(the layer's attention scale)."),
-    "--tokenselect-vote": (vote_type("--tokenselect-vote"), _DEFAULTS.vote,
+    "--tokenselect-vote": (choice_type("--tokenselect-vote"), _DEFAULTS.vote,
                            "soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation)."),
+    "--tokenselect-tp-vote": (
+        choice_type("--tokenselect-tp-vote", TP_VOTES), _DEFAULTS.tp_vote,
+        "Under tensor parallelism: global = all-reduce the ranks' votes and cache cosines (every rank "
+        "attends the same tokens; CPU path only for now); local = each rank votes over its own heads."),
     "--tokenselect-prefill-chunk": (
         int_at_least("--tokenselect-prefill-chunk", 1), _DEFAULTS.prefill_chunk,
         "Sparse prefill sub-chunk size in queries, on absolute positions (<= --tokenselect-n-local)."),
@@ -157,6 +161,7 @@ def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
         vote=values["tokenselect_vote"],
         sparse_prefill=values["tokenselect_sparse_prefill"],
         prefill_chunk=values["tokenselect_prefill_chunk"],
+        tp_vote=values["tokenselect_tp_vote"],
     )
 
 

@@ -39,13 +39,14 @@ def test_flags_parse_into_the_config():
     args = parse("--attention-backend", "tokenselect", "--tokenselect-n-init", "64",
                  "--tokenselect-n-local", "256", "--tokenselect-topk", "1024",
                  "--tokenselect-cache-threshold", "0.95", "--tokenselect-score-scale", "layer",
-                 "--tokenselect-vote", "sum", "--tokenselect-stats-interval", "100")
+                 "--tokenselect-vote", "sum", "--tokenselect-stats-interval", "100",
+                 "--tokenselect-tp-vote", "local")
     assert config_from_namespace(args) == TokenSelectConfig(
-        n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum")
+        n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum", tp_vote="local")
     assert parse_tokenselect_args(args)["tokenselect_stats_interval"] == 100
     assert config_from_namespace(parse()) == TokenSelectConfig()  # defaults: 128 + 2048 + 512, θ 0.9
     defaults = config_from_namespace(parse())
-    assert (defaults.sparse_prefill, defaults.prefill_chunk) == (False, 512)
+    assert (defaults.sparse_prefill, defaults.prefill_chunk, defaults.tp_vote) == (False, 512, "global")
     sparse = config_from_namespace(parse("--tokenselect-sparse-prefill", "--tokenselect-prefill-chunk", "256"))
     assert (sparse.sparse_prefill, sparse.prefill_chunk) == (True, 256)
 
@@ -63,6 +64,7 @@ def test_flags_parse_into_the_config():
         ("--tokenselect-score-scale", "0", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-score-scale", "big", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-vote", "hard", "--tokenselect-vote must be one of soft, sum, got 'hard'"),
+        ("--tokenselect-tp-vote", "both", "--tokenselect-tp-vote must be one of global, local, got 'both'"),
         ("--tokenselect-stats-interval", "-5", "--tokenselect-stats-interval must be >= 0"),
         ("--tokenselect-prefill-chunk", "0", "--tokenselect-prefill-chunk must be >= 1"),
         ("--tokenselect-prefill-chunk", "half", "--tokenselect-prefill-chunk must be an integer"),
@@ -90,6 +92,7 @@ def test_unknown_backend_is_refused_by_sglang(capsys):
     (dict(cache_threshold=-1.5), "--tokenselect-cache-threshold"),
     (dict(n_local=0), "--tokenselect-n-local"),
     (dict(vote="max"), "--tokenselect-vote"),
+    (dict(tp_vote="ranked"), "--tokenselect-tp-vote"),
     (dict(prefill_chunk=0), "--tokenselect-prefill-chunk"),
     (dict(sparse_prefill=True, n_local=256, prefill_chunk=512), "--tokenselect-n-local .256. >= --tokenselect-prefill-chunk .512."),
 ])
