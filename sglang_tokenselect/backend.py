@@ -26,7 +26,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.runtime_context import get_parallel
 
-from sglang_tokenselect.config import TokenSelectConfig
+from sglang_tokenselect.config import TokenSelectConfig, gpu_tp_vote_refusal
 from sglang_tokenselect.kernels import reference as ref
 from sglang_tokenselect.prefill import SparsePrefillStep, SubchunkPlan, build_step, plan_subchunks, select_subchunks
 from sglang_tokenselect.selection import SelectionCache, SelectionOps, Selector, default_ops, supports_tp_group
@@ -82,10 +82,7 @@ def tp_vote_group(config: TokenSelectConfig, attn_tp_size: int, ops: SelectionOp
     if attn_tp_size <= 1 or config.tp_vote == "local":
         return None
     if not supports_tp_group(ops):
-        raise UnsupportedConfigError(
-            f"--tokenselect-tp-vote global is not implemented on the GPU path yet (attention TP size "
-            f"{attn_tp_size}); pass --tokenselect-tp-vote local (each rank votes over its own heads)."
-        )
+        raise UnsupportedConfigError(gpu_tp_vote_refusal(config, attn_tp_size))
     return get_parallel().attn_tp_group
 
 

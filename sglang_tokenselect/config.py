@@ -103,6 +103,15 @@ def validate_config(cfg: TokenSelectConfig) -> None:
         )
 
 
+def gpu_tp_vote_refusal(cfg: TokenSelectConfig, attn_tp_size: int) -> Optional[str]:
+    """Why the GPU path (the Triton kernels, no all-reduce yet) cannot serve ``cfg`` at this
+    attention TP size, naming the option; None when it can."""
+    if cfg.tp_vote != "global" or attn_tp_size <= 1:
+        return None
+    return (f"--tokenselect-tp-vote global is not implemented on the GPU path yet (attention TP size "
+            f"{attn_tp_size}); pass --tokenselect-tp-vote local (each rank votes over its own heads).")
+
+
 def parse_score_scale(text: str, option: str = "--tokenselect-score-scale") -> Optional[float]:
     """CLI form of ``score_scale``: a positive float, or ``layer``; errors name ``option``."""
     if text.strip().lower() == "layer":

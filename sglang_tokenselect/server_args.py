@@ -15,7 +15,7 @@ import contextvars
 import logging
 from typing import Any, Callable, Optional
 
-from sglang_tokenselect.config import TP_VOTES, VOTES, TokenSelectConfig, parse_score_scale
+from sglang_tokenselect.config import TP_VOTES, VOTES, TokenSelectConfig, gpu_tp_vote_refusal, parse_score_scale
 
 logger = logging.getLogger(__name__)
 
@@ -285,9 +285,19 @@ def after_resolution(result, server_args, *args, **kwargs):
 def check_server_args_supported(server_args: Any) -> None:
     """Raise ValueError naming the option for what tokenselect cannot serve (resolved args)."""
     view = resolved(server_args)
-    reason = unsupported_reason(view, attention_backends(view))
+    reason = unsupported_reason(view, attention_backends(view)) or tp_vote_reason(server_args, view)
     if reason:
         raise ValueError(reason)
+
+
+def tp_vote_reason(server_args: Any, view: Any) -> Optional[str]:
+    """``--tokenselect-tp-vote global`` at attention TP > 1 on CUDA (the Triton path cannot
+    all-reduce yet), known once the device is resolved; the backend checks again when built."""
+    if getattr(view, "device", None) != "cuda":
+        return None
+    config = getattr(server_args, CONFIG_ATTR, None) or _PENDING_CONFIG.get() or TokenSelectConfig()
+    attn_tp = int(getattr(view, "tp_size", 1) or 1) // int(getattr(view, "attn_cp_size", 1) or 1)
+    return gpu_tp_vote_refusal(config, attn_tp)
 
 
 def unsupported_reason(args: Any, backends: tuple) -> Optional[str]:

@@ -224,3 +224,28 @@ def test_launch_server_defaults_to_tokenselect():
         "--attention-backend", "tokenselect", "--model-path", "m"]
     assert with_default_backend(["--attention-backend=flashinfer"]) == ["--attention-backend=flashinfer"]
     assert with_default_backend(["--decode-attention-backend", "x"])[0] == "--decode-attention-backend"
+
+
+def test_global_tp_vote_is_refused_on_cuda_at_tp_above_one(tiny_model):
+    """The GPU path cannot all-reduce the vote yet: refused by name once the device is known;
+    served with --tokenselect-tp-vote local, on one rank, and on the CPU path."""
+    from types import SimpleNamespace
+
+    from sglang_tokenselect.server_args import check_server_args_supported
+
+    def args(device, tp_size, tp_vote="global"):
+        return SimpleNamespace(attention_backend="tokenselect", prefill_attention_backend=None,
+                               decode_attention_backend=None, _resolved_overrides=[], page_size=1,
+                               speculative_algorithm=None, enable_mixed_chunk=False, kv_cache_dtype="auto",
+                               enable_dp_attention=False, device=device, tp_size=tp_size, attn_cp_size=1,
+                               _tokenselect_config=TokenSelectConfig(tp_vote=tp_vote))
+
+    with pytest.raises(ValueError) as exc:
+        check_server_args_supported(args("cuda", 2))
+    text = str(exc.value)
+    assert text.startswith("--tokenselect-tp-vote global") and "--tokenselect-tp-vote local" in text
+    assert "\n" not in text
+    for ok in (args("cuda", 2, "local"), args("cuda", 1), args("cpu", 2)):
+        check_server_args_supported(ok)
+    cpu_tp2 = server_args(tiny_model, "--attention-backend", "tokenselect", "--tp-size", "2")
+    assert resolve(cpu_tp2).tp_size == 2 and cpu_tp2._tokenselect_config.tp_vote == "global"
