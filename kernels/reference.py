@@ -12,6 +12,14 @@ Shapes (B = requests in the batch, S = KV slots, R = request-pool rows, M = max 
 
 Candidates of a request are the logical positions ``[n_init, L - n_local)``; candidate
 index ``j`` is position ``n_init + j``. Query head ``h`` reads KV head ``h // (H_q / H_kv)``.
+
+Tensor parallelism: ``group`` (a ``torch.distributed`` process group, or SGLang's
+``GroupCoordinator`` of the attention TP group; None = one process) makes the selection
+global. Each rank holds whole KV-head groups and their query heads; a head's softmax is local
+to its rank, so the ranks' partial votes sum exactly to the vote over all heads: they are
+all-reduced (SUM) before the top-k. The Selection Cache decides from the all-reduced
+``(q.c, |q|^2, |c|^2)`` partials, so every rank hits or misses alike and selects the same
+positions. Every rank must call with the same batch (SGLang's TP ranks do).
 """
 
 from __future__ import annotations
@@ -56,6 +64,17 @@ def head_scores_reference(q: torch.Tensor, keys: torch.Tensor, scale: float) -> 
     return torch.einsum("hd,nhd->hn", q.float(), k_per_q) * scale
 
 
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group`` (None: ``t`` itself). ``group`` is a process group
+    or an object with SGLang's ``all_reduce(t) -> t`` (``GroupCoordinator``, maybe out of place)."""
+    if group is None:
+        return t
+    if hasattr(group, "all_reduce"):
+        return group.all_reduce(t)
+    torch.distributed.all_reduce(t, group=group)
+    return t
+
+
 def vote_from_scores(scores: torch.Tensor, vote: str) -> torch.Tensor:
     """[H_q, N] scores -> [N] votes: head soft vote, or the plain sum over heads."""
     if vote == "soft":
@@ -77,8 +96,9 @@ def vote_scores_reference(
     scale: float,
     vote: str = "soft",
     max_candidates: int | None = None,
+    group=None,
 ) -> torch.Tensor:
-    """Votes of every candidate of every request.
+    """Votes of every candidate of every request (with ``group``: summed over its ranks' heads).
 
     Returns:
         [B, max_candidates] float32; column ``j`` is position ``n_init + j``; columns at
@@ -94,7 +114,7 @@ def vote_scores_reference(
         slots = req_to_token[row, n_init : n_init + count].long()
         scores = head_scores_reference(q[b], k_buffer[slots], scale)
         out[b, :count] = vote_from_scores(scores, vote)
-    return out
+    return all_reduce_sum(out, group)
 
 
 def topk_positions_reference(
@@ -167,23 +187,29 @@ def check_threshold(threshold: float) -> None:
         raise ValueError(f"cache threshold must be in [-1, 1], got {threshold!r}")
 
 
+def cosine_partials(q_flat: torch.Tensor, cached_q: torch.Tensor) -> torch.Tensor:
+    """[B, F] x 2 -> [B, 3] float32 ``(q.c, |q|^2, |c|^2)``: additive over a split of F."""
+    a, c = q_flat.float(), cached_q.float()
+    return torch.stack([(a * c).sum(-1), (a * a).sum(-1), (c * c).sum(-1)], dim=-1)
+
+
 def selection_cache_hits_reference(
-    q_flat: torch.Tensor, cached_q: torch.Tensor, cached_valid: torch.Tensor, threshold: float
+    q_flat: torch.Tensor, cached_q: torch.Tensor, cached_valid: torch.Tensor, threshold: float, group=None
 ) -> torch.Tensor:
     """[B] bool: the cached selection is valid and ``cos(q, cached_q) >= threshold``.
 
     Args:
-        q_flat, cached_q: [B, H_q * D]; cached_valid: [B] bool.
+        q_flat, cached_q: [B, H_q * D] (with ``group``: this rank's heads); cached_valid: [B] bool.
     A threshold of 1 never hits (every step selects); -1 always hits a valid selection (a
-    request selects once, then reuses: static selection).
+    request selects once, then reuses: static selection). Neither communicates.
     """
     check_threshold(threshold)
     if threshold >= 1.0:
         return torch.zeros_like(cached_valid, dtype=torch.bool)
     if threshold <= -1.0:
         return cached_valid.clone()
-    a, c = q_flat.float(), cached_q.float()
-    cos = (a * c).sum(-1) / ((a * a).sum(-1) * (c * c).sum(-1)).sqrt().clamp_min(1e-6)
+    dot, qq, cc = all_reduce_sum(cosine_partials(q_flat, cached_q), group).unbind(-1)
+    cos = dot / (qq * cc).sqrt().clamp_min(1e-6)
     return cached_valid & (cos >= threshold)
 
 
@@ -218,6 +244,7 @@ def decode_select_reference(
     vote: str = "soft",
     capacity: int | None = None,
     block_n: int = 64,
+    group=None,
 ) -> None:
     """One layer's TokenSelect decode step, the specification of ``triton_select.decode_select``.
 
@@ -237,7 +264,8 @@ def decode_select_reference(
     """
     rows = req_pool_indices.long()
     sparse = is_sparse(seq_lens, n_init, n_local, topk)
-    hit = selection_cache_hits_reference(q.flatten(1), cache_query[rows], cache_valid[rows], threshold) & sparse
+    hit = selection_cache_hits_reference(q.flatten(1), cache_query[rows], cache_valid[rows], threshold,
+                                         group) & sparse
     miss = sparse & ~hit
     fits = fitting_misses(seq_lens, miss, n_init=n_init, n_local=n_local, capacity=capacity, block_n=block_n)
     positions = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
@@ -248,7 +276,8 @@ def decode_select_reference(
             positions[b] = cache_positions[row]
         elif fits[b]:
             votes = vote_scores_reference(q[one], k_buffer, req_to_token, req_pool_indices[one],
-                                          seq_lens[one], n_init=n_init, n_local=n_local, scale=scale, vote=vote)
+                                          seq_lens[one], n_init=n_init, n_local=n_local, scale=scale, vote=vote,
+                                          group=group)
             positions[b] = topk_positions_reference(votes, seq_lens[one], n_init=n_init, n_local=n_local, topk=topk)[0]
         elif miss[b]:  # no room in the scratch
             positions[b] = torch.arange(length - n_local - topk, length - n_local, dtype=torch.int32)
@@ -345,8 +374,10 @@ def sparse_prefill_select_reference(
     topk: int,
     scale: float,
     vote: str = "soft",
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Selection of every sub-chunk of an extend batch, as a paged prefill's index lists.
+    """Selection of every sub-chunk of an extend batch, as a paged prefill's index lists
+    (``group``: votes summed over the TP ranks' heads, as in ``decode_select_reference``).
 
     Args:
         q: [T, H_q, D] the extend's queries, request after request (T = sum of extend_lens).
@@ -366,7 +397,7 @@ def sparse_prefill_select_reference(
     rows = req_pool_indices.long()[torch.tensor([b for b, _, _ in bounds], dtype=torch.long, device=dev)]
     means = subchunk_mean_queries_reference(q, qo_indptr)
     votes = vote_scores_reference(means, k_buffer, req_to_token, rows, ends,
-                                  n_init=n_init, n_local=n_local, scale=scale, vote=vote)
+                                  n_init=n_init, n_local=n_local, scale=scale, vote=vote, group=group)
     top = topk_positions_reference(votes, ends, n_init=n_init, n_local=n_local, topk=topk)
     kv_indptr = kv_indptr_reference(ends, n_init=n_init, n_local=n_local, topk=topk)
     kv_indices = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=dev)

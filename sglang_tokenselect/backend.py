@@ -26,7 +26,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.runtime_context import get_parallel
 
-from sglang_tokenselect.config import TokenSelectConfig
+from sglang_tokenselect.config import TokenSelectConfig, gpu_tp_vote_refusal
 from sglang_tokenselect.kernels import reference as ref
 from sglang_tokenselect.prefill import SparsePrefillStep, SubchunkPlan, build_step, plan_subchunks, select_subchunks
 from sglang_tokenselect.rope import (
@@ -38,7 +38,7 @@ from sglang_tokenselect.rope import (
     rope_spec_of_model,
     rotary_modules,
 )
-from sglang_tokenselect.selection import SelectionCache, SelectionOps, Selector, default_ops
+from sglang_tokenselect.selection import SelectionCache, SelectionOps, Selector, default_ops, supports_tp_group
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -118,6 +118,17 @@ def extrapolation_spec(model_runner: "ModelRunner", config: TokenSelectConfig,
     return spec
 
 
+def tp_vote_group(config: TokenSelectConfig, attn_tp_size: int, ops: SelectionOps):
+    """The group whose ranks vote together: SGLang's attention TP group (its ``GroupCoordinator``)
+    for ``--tokenselect-tp-vote global`` at TP > 1, else None (each rank votes over its own heads).
+    Refuses global where ``ops`` cannot all-reduce (the Triton kernels, for now)."""
+    if attn_tp_size <= 1 or config.tp_vote == "local":
+        return None
+    if not supports_tp_group(ops):
+        raise UnsupportedConfigError(gpu_tp_vote_refusal(config, attn_tp_size))
+    return get_parallel().attn_tp_group
+
+
 @dataclass
 class DecodeStep:
     """Per-step buffers shared by every layer (B = requests in the batch).
@@ -163,7 +174,8 @@ class TokenSelectDecodeMixin:
             dtype=model_runner.dtype,
             device=device,
         )
-        self.ts_selector = Selector(config, cache, ops or default_ops(device))
+        ops = ops or default_ops(device)
+        self.ts_selector = Selector(config, cache, ops, group=tp_vote_group(config, tp, ops))
         # Candidates of one layer's miss rows, end to end: at most the token pool, except when
         # requests of one batch share a radix prefix (then the rows that do not fit overflow).
         self.ts_capacity = getattr(model_runner, "max_total_num_tokens", None) or pool.size
@@ -177,12 +189,14 @@ class TokenSelectDecodeMixin:
         logger.info(
             "TokenSelect: n_init=%d topk=%d n_local=%d (budget %d tokens), cache threshold %.3g, "
             "score scale %s, vote %s; Selection Cache %.1f MB for %d pool rows x %d layers; "
-            "selection scratch %.1f MB for %d requests and %d candidates per layer; sparse prefill %s",
+            "selection scratch %.1f MB for %d requests and %d candidates per layer; sparse prefill %s; "
+            "attention TP %d, %s vote",
             config.n_init, config.topk, config.n_local, config.budget, config.cache_threshold,
             "layer" if config.score_scale is None else config.score_scale, config.vote,
             cache.nbytes / 2**20, cache.valid.shape[1], cache.valid.shape[0],
             self.ts_scratch.nbytes / 2**20, self.ts_scratch.max_batch, self.ts_capacity,
             f"on, sub-chunks of {config.prefill_chunk}" if config.sparse_prefill else "off",
+            tp, "per-rank" if self.ts_selector.group is None else "global (all-reduced)",
         )
         if self.ts_rope is not None:
             logger.info(
@@ -213,7 +227,8 @@ class TokenSelectDecodeMixin:
         config = {"n_init": cfg.n_init, "topk": cfg.topk, "n_local": cfg.n_local, "budget": cfg.budget,
                   "cache_threshold": cfg.cache_threshold,
                   "score_scale": "layer" if cfg.score_scale is None else cfg.score_scale,
-                  "vote": cfg.vote, "sparse_prefill": cfg.sparse_prefill, "prefill_chunk": cfg.prefill_chunk,
+                  "vote": cfg.vote, "tp_vote": cfg.tp_vote,
+                  "sparse_prefill": cfg.sparse_prefill, "prefill_chunk": cfg.prefill_chunk,
                   "extrapolate": cfg.extrapolate, "backend": type(self).__name__}
         memory = {"selection_cache": self.selection_cache.nbytes,
                   "scratch": self.ts_scratch.nbytes + sum(s.nbytes for s in self.ts_retired_scratch),
@@ -278,7 +293,8 @@ class TokenSelectDecodeMixin:
         step = self.ts_prefill
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)[: step.plan.num_tokens]
         select_subchunks(self.ts_selector.ops, step, q3, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                         self.ts_scratch, self.ts_config, self.ts_config.scale_for(layer.scaling))
+                         self.ts_scratch, self.ts_config, self.ts_config.scale_for(layer.scaling),
+                         self.ts_selector.group)
         return step
 
     def _rerotate(self, q: torch.Tensor, k: Optional[torch.Tensor], layer: "RadixAttention",

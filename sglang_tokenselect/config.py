@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 Vote = Literal["soft", "sum"]
 VOTES: tuple[str, ...] = ("soft", "sum")
+TP_VOTES: tuple[str, ...] = ("global", "local")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class TokenSelectConfig:
             below the budget however long the context), the selection scores the query rotated
             to position ``n_local`` against pre-RoPE keys. Needs ``sparse_prefill`` (a prompt
             past the model's window must be prefilled over its selections).
+        tp_vote: under attention tensor parallelism, ``"global"`` sums the ranks' partial
+            votes and cache cosines (every rank attends the same tokens, the paper's method);
+            ``"local"`` votes over each rank's own heads (ranks may select differently).
     """
 
     n_init: int = 128
@@ -50,6 +54,7 @@ class TokenSelectConfig:
     sparse_prefill: bool = False
     prefill_chunk: int = 512
     extrapolate: bool = False
+    tp_vote: str = "global"
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -93,6 +98,8 @@ def validate_config(cfg: TokenSelectConfig) -> None:
         )
     if cfg.vote not in VOTES:
         raise ValueError(f"--tokenselect-vote must be one of {VOTES}, got {cfg.vote!r}")
+    if cfg.tp_vote not in TP_VOTES:
+        raise ValueError(f"--tokenselect-tp-vote must be one of {TP_VOTES}, got {cfg.tp_vote!r}")
     if not isinstance(cfg.prefill_chunk, int) or cfg.prefill_chunk < 1:
         raise ValueError(f"--tokenselect-prefill-chunk must be an integer >= 1, got {cfg.prefill_chunk!r}")
     if cfg.sparse_prefill and cfg.n_local < cfg.prefill_chunk:
@@ -105,6 +112,15 @@ def validate_config(cfg: TokenSelectConfig) -> None:
             "--tokenselect-extrapolate needs --tokenselect-sparse-prefill: a prompt past the model's window must be "
             "prefilled over its selections (dense prefill would place keys at positions it was not trained on)"
         )
+
+
+def gpu_tp_vote_refusal(cfg: TokenSelectConfig, attn_tp_size: int) -> Optional[str]:
+    """Why the GPU path (the Triton kernels, no all-reduce yet) cannot serve ``cfg`` at this
+    attention TP size, naming the option; None when it can."""
+    if cfg.tp_vote != "global" or attn_tp_size <= 1:
+        return None
+    return (f"--tokenselect-tp-vote global is not implemented on the GPU path yet (attention TP size "
+            f"{attn_tp_size}); pass --tokenselect-tp-vote local (each rank votes over its own heads).")
 
 
 def parse_score_scale(text: str, option: str = "--tokenselect-score-scale") -> Optional[float]:

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from sglang_tokenselect.config import TokenSelectConfig
+from sglang_tokenselect.selection import group_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +205,14 @@ def mean_queries(q: torch.Tensor, step: SparsePrefillStep) -> torch.Tensor:
 
 
 def select_subchunks(ops, step: SparsePrefillStep, q: torch.Tensor, k_buffer: torch.Tensor, scratch,
-                     config: TokenSelectConfig, scale: float) -> None:
+                     config: TokenSelectConfig, scale: float, group=None) -> None:
     """One layer's selection of every sub-chunk: writes ``step.kv_indices``.
 
     Args:
         ops: ``SelectionOps`` (Triton kernels or the PyTorch reference); q: [T, H_q, D] the
         extend's queries (T = plan.num_tokens); k_buffer: [S, H_kv, D] this layer's keys, the
-        extend's own keys already written; scratch: ``ops.alloc_scratch(...)``.
+        extend's own keys already written; scratch: ``ops.alloc_scratch(...)``; group: the
+        attention TP group voting together (None: this rank alone; see ``Selector``).
     """
     means = mean_queries(q, step)
     for lo, hi in step.plan.groups:
@@ -219,5 +221,5 @@ def select_subchunks(ops, step: SparsePrefillStep, q: torch.Tensor, k_buffer: to
             step.kv_indptr[lo : hi + 1], step.kv_indices,
             step.cache_query, step.cache_positions, step.cache_valid, step.counters, scratch,
             n_init=config.n_init, n_local=config.n_local, topk=config.topk,
-            threshold=1.0, scale=scale, vote=config.vote,
+            threshold=1.0, scale=scale, vote=config.vote, **group_kwargs(group),
         )

@@ -44,7 +44,10 @@ class ReferenceScratch:
 
 
 class TorchSelectionOps:
-    """The PyTorch reference behind the ``SelectionOps`` interface (any device, slow)."""
+    """The PyTorch reference behind the ``SelectionOps`` interface (any device, slow).
+    Takes ``group=`` (tensor parallelism: ``reference.decode_select_reference``)."""
+
+    SUPPORTS_TP_GROUP = True
 
     def alloc_scratch(self, max_batch, capacity, num_q_heads, device) -> ReferenceScratch:
         return ReferenceScratch(capacity=capacity, max_batch=max_batch)
@@ -54,6 +57,16 @@ class TorchSelectionOps:
         ref.decode_select_reference(q, k_buffer, req_to_token, req_pool_indices, seq_lens, kv_indptr,
                                     kv_indices, cache_query, cache_positions, cache_valid, counters,
                                     capacity=scratch.capacity, **kw)
+
+
+def supports_tp_group(ops: SelectionOps) -> bool:
+    """Whether ``ops.decode_select`` takes ``group=`` (the Triton kernels do not yet: docs in README)."""
+    return bool(getattr(ops, "SUPPORTS_TP_GROUP", False))
+
+
+def group_kwargs(group) -> dict:
+    """``{"group": group}``, or nothing for None (ops without TP support never see the key)."""
+    return {} if group is None else {"group": group}
 
 
 def default_ops(device: torch.device) -> SelectionOps:
@@ -107,10 +120,14 @@ class SelectionCache:
 class Selector:
     """Computes each layer's attended KV slots for a decode batch."""
 
-    def __init__(self, config: TokenSelectConfig, cache: SelectionCache, ops: SelectionOps):
+    def __init__(self, config: TokenSelectConfig, cache: SelectionCache, ops: SelectionOps, group=None):
+        """group: the attention TP group whose ranks vote together (None: this rank alone)."""
+        if group is not None and not supports_tp_group(ops):
+            raise ValueError(f"{ops!r} cannot all-reduce the vote over a TP group")
         self.config = config
         self.cache = cache
         self.ops = ops
+        self.group = group
 
     def select(
         self,
@@ -140,5 +157,5 @@ class Selector:
             cache.query[layer_id], cache.positions[layer_id], cache.valid[layer_id],
             cache.counters[layer_id], scratch,
             n_init=cfg.n_init, n_local=cfg.n_local, topk=cfg.topk,
-            threshold=cfg.cache_threshold, scale=scale, vote=cfg.vote,
+            threshold=cfg.cache_threshold, scale=scale, vote=cfg.vote, **group_kwargs(self.group),
         )

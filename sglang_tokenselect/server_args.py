@@ -15,7 +15,7 @@ import contextvars
 import logging
 from typing import Any, Callable, Optional
 
-from sglang_tokenselect.config import VOTES, TokenSelectConfig, parse_score_scale
+from sglang_tokenselect.config import TP_VOTES, VOTES, TokenSelectConfig, gpu_tp_vote_refusal, parse_score_scale
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,11 @@ def score_scale_type(option: str) -> Callable[[str], Optional[float]]:
     return parse
 
 
-def vote_type(option: str) -> Callable[[str], str]:
-    """argparse type: one of ``VOTES``; errors name ``option``."""
+def choice_type(option: str, choices: tuple[str, ...] = VOTES) -> Callable[[str], str]:
+    """argparse type: one of ``choices``; errors name ``option``."""
     def parse(text: str) -> str:
-        if text not in VOTES:
-            raise argparse.ArgumentTypeError(f"{option} must be one of {', '.join(VOTES)}, got {text!r}")
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{option} must be one of {', '.join(choices)}, got {text!r}")
         return text
 
     return parse
@@ -105,8 +105,12 @@ FLAGS = {
         score_scale_type("--tokenselect-score-scale"), _DEFAULTS.score_scale,
         "c in softmax(c * q.k) of the head soft vote: a number (paper: 1.0) or 'layer' "
         "(the layer's attention scale)."),
-    "--tokenselect-vote": (vote_type("--tokenselect-vote"), _DEFAULTS.vote,
+    "--tokenselect-vote": (choice_type("--tokenselect-vote"), _DEFAULTS.vote,
                            "soft: head soft vote (paper); sum: plain top-k of head-summed scores (ablation)."),
+    "--tokenselect-tp-vote": (
+        choice_type("--tokenselect-tp-vote", TP_VOTES), _DEFAULTS.tp_vote,
+        "Under tensor parallelism: global = all-reduce the ranks' votes and cache cosines (every rank "
+        "attends the same tokens; CPU path only for now); local = each rank votes over its own heads."),
     "--tokenselect-prefill-chunk": (
         int_at_least("--tokenselect-prefill-chunk", 1), _DEFAULTS.prefill_chunk,
         "Sparse prefill sub-chunk size in queries, on absolute positions (<= --tokenselect-n-local)."),
@@ -170,6 +174,7 @@ def config_from_namespace(args: argparse.Namespace) -> TokenSelectConfig:
         sparse_prefill=values["tokenselect_sparse_prefill"],
         prefill_chunk=values["tokenselect_prefill_chunk"],
         extrapolate=values["tokenselect_extrapolate"],
+        tp_vote=values["tokenselect_tp_vote"],
     )
 
 
@@ -318,9 +323,19 @@ def after_resolution(result, server_args, *args, **kwargs):
 def check_server_args_supported(server_args: Any) -> None:
     """Raise ValueError naming the option for what tokenselect cannot serve (resolved args)."""
     view = resolved(server_args)
-    reason = unsupported_reason(view, attention_backends(view))
+    reason = unsupported_reason(view, attention_backends(view)) or tp_vote_reason(server_args, view)
     if reason:
         raise ValueError(reason)
+
+
+def tp_vote_reason(server_args: Any, view: Any) -> Optional[str]:
+    """``--tokenselect-tp-vote global`` at attention TP > 1 on CUDA (the Triton path cannot
+    all-reduce yet), known once the device is resolved; the backend checks again when built."""
+    if getattr(view, "device", None) != "cuda":
+        return None
+    config = getattr(server_args, CONFIG_ATTR, None) or _PENDING_CONFIG.get() or TokenSelectConfig()
+    attn_tp = int(getattr(view, "tp_size", 1) or 1) // int(getattr(view, "attn_cp_size", 1) or 1)
+    return gpu_tp_vote_refusal(config, attn_tp)
 
 
 def unsupported_reason(args: Any, backends: tuple) -> Optional[str]:

@@ -39,13 +39,14 @@ def test_flags_parse_into_the_config():
     args = parse("--attention-backend", "tokenselect", "--tokenselect-n-init", "64",
                  "--tokenselect-n-local", "256", "--tokenselect-topk", "1024",
                  "--tokenselect-cache-threshold", "0.95", "--tokenselect-score-scale", "layer",
-                 "--tokenselect-vote", "sum", "--tokenselect-stats-interval", "100")
+                 "--tokenselect-vote", "sum", "--tokenselect-stats-interval", "100",
+                 "--tokenselect-tp-vote", "local")
     assert config_from_namespace(args) == TokenSelectConfig(
-        n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum")
+        n_init=64, n_local=256, topk=1024, cache_threshold=0.95, score_scale=None, vote="sum", tp_vote="local")
     assert parse_tokenselect_args(args)["tokenselect_stats_interval"] == 100
     assert config_from_namespace(parse()) == TokenSelectConfig()  # defaults: 128 + 2048 + 512, θ 0.9
     defaults = config_from_namespace(parse())
-    assert (defaults.sparse_prefill, defaults.prefill_chunk) == (False, 512)
+    assert (defaults.sparse_prefill, defaults.prefill_chunk, defaults.tp_vote) == (False, 512, "global")
     sparse = config_from_namespace(parse("--tokenselect-sparse-prefill", "--tokenselect-prefill-chunk", "256"))
     assert (sparse.sparse_prefill, sparse.prefill_chunk) == (True, 256)
 
@@ -63,6 +64,7 @@ def test_flags_parse_into_the_config():
         ("--tokenselect-score-scale", "0", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-score-scale", "big", "--tokenselect-score-scale must be a positive number"),
         ("--tokenselect-vote", "hard", "--tokenselect-vote must be one of soft, sum, got 'hard'"),
+        ("--tokenselect-tp-vote", "both", "--tokenselect-tp-vote must be one of global, local, got 'both'"),
         ("--tokenselect-stats-interval", "-5", "--tokenselect-stats-interval must be >= 0"),
         ("--tokenselect-prefill-chunk", "0", "--tokenselect-prefill-chunk must be >= 1"),
         ("--tokenselect-prefill-chunk", "half", "--tokenselect-prefill-chunk must be an integer"),
@@ -90,6 +92,7 @@ def test_unknown_backend_is_refused_by_sglang(capsys):
     (dict(cache_threshold=-1.5), "--tokenselect-cache-threshold"),
     (dict(n_local=0), "--tokenselect-n-local"),
     (dict(vote="max"), "--tokenselect-vote"),
+    (dict(tp_vote="ranked"), "--tokenselect-tp-vote"),
     (dict(prefill_chunk=0), "--tokenselect-prefill-chunk"),
     (dict(sparse_prefill=True, n_local=256, prefill_chunk=512), "--tokenselect-n-local .256. >= --tokenselect-prefill-chunk .512."),
 ])
@@ -263,3 +266,26 @@ def test_extrapolate_accepts_a_context_length_past_the_model(tiny_model, monkeyp
     server_args(tiny_model, "--attention-backend", "tokenselect", "--tokenselect-sparse-prefill",
                 "--tokenselect-extrapolate")
     assert any("--context-length is not given" in line for line in lines), lines
+def test_global_tp_vote_is_refused_on_cuda_at_tp_above_one(tiny_model):
+    """The GPU path cannot all-reduce the vote yet: refused by name once the device is known;
+    served with --tokenselect-tp-vote local, on one rank, and on the CPU path."""
+    from types import SimpleNamespace
+
+    from sglang_tokenselect.server_args import check_server_args_supported
+
+    def args(device, tp_size, tp_vote="global"):
+        return SimpleNamespace(attention_backend="tokenselect", prefill_attention_backend=None,
+                               decode_attention_backend=None, _resolved_overrides=[], page_size=1,
+                               speculative_algorithm=None, enable_mixed_chunk=False, kv_cache_dtype="auto",
+                               enable_dp_attention=False, device=device, tp_size=tp_size, attn_cp_size=1,
+                               _tokenselect_config=TokenSelectConfig(tp_vote=tp_vote))
+
+    with pytest.raises(ValueError) as exc:
+        check_server_args_supported(args("cuda", 2))
+    text = str(exc.value)
+    assert text.startswith("--tokenselect-tp-vote global") and "--tokenselect-tp-vote local" in text
+    assert "\n" not in text
+    for ok in (args("cuda", 2, "local"), args("cuda", 1), args("cpu", 2)):
+        check_server_args_supported(ok)
+    cpu_tp2 = server_args(tiny_model, "--attention-backend", "tokenselect", "--tp-size", "2")
+    assert resolve(cpu_tp2).tp_size == 2 and cpu_tp2._tokenselect_config.tp_vote == "global"
