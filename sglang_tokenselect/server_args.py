@@ -299,18 +299,22 @@ def after_attention_backend_compatibility(result, server_args, *args, **kwargs):
 def disable_prefill_cuda_graph(server_args: Any) -> None:
     """Sparse prefill plans each extend on the host from its lengths: no prefill CUDA graph.
     Turned off unless the user chose a prefill graph backend explicitly (then refused)."""
-    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
+    from sglang.srt.model_executor import cuda_graph_config as cg
 
-    graphs = getattr(server_args, "cuda_graph_config", None)
-    if graphs is None or graphs.prefill.backend == Backend.DISABLED:
+    graphs = getattr(resolved(server_args), "cuda_graph_config", None)
+    if graphs is None or graphs.prefill.backend == cg.Backend.DISABLED:
         return
-    if (Phase.PREFILL, "backend") in getattr(server_args, "_cuda_graph_config_locked", ()):
+    if (cg.Phase.PREFILL, "backend") in getattr(server_args, "_cuda_graph_config_locked", ()):
         raise ValueError(
             "--tokenselect-sparse-prefill does not support a prefill CUDA graph "
             f"(--cuda-graph-backend-prefill {graphs.prefill.backend}); use --cuda-graph-backend-prefill disabled."
         )
     logger.info("TokenSelect: sparse prefill turns the prefill CUDA graph (%s) off.", graphs.prefill.backend)
-    graphs.prefill.backend = Backend.DISABLED
+    if hasattr(cg, "with_phase"):  # SGLang 0.5.23: configs are immutable, resolved by declaration
+        set_resolved(server_args, cuda_graph_config=cg.with_phase(graphs, cg.Phase.PREFILL,
+                                                                  backend=cg.Backend.DISABLED))
+    else:  # 0.5.17: written while __post_init__ resolves
+        graphs.prefill.backend = cg.Backend.DISABLED
 
 
 def after_resolution(result, server_args, *args, **kwargs):

@@ -48,6 +48,7 @@ def sglang_rotary(cls=sgl_rope.RotaryEmbedding, *, head_dim=HEAD_DIM, rotary_dim
     rotary.head_size, rotary.rotary_dim = head_dim, rotary_dim or head_dim
     rotary.max_position_embeddings, rotary.base, rotary.is_neox_style = max_pos, theta, neox
     rotary.dtype = torch.float16
+    rotary._force_native, rotary.position_start = False, 0  # fields newer SGLang releases read (0.5.23)
     for name, value in extra.items():
         setattr(rotary, name, value)
     if cls in (sgl_rope.RotaryEmbedding, sgl_rope.LinearScalingRotaryEmbedding):
