@@ -93,6 +93,15 @@ def stop_all(servers) -> None:
         server.stop()
 
 
+def prepare_model(gguf: Path, model_dir: Path):
+    """SmolLM2 as a bf16 folder (converted from the GGUF once) and its tokenizer."""
+    from sglang_tokenselect_eval import smollm2
+
+    if not smollm2.is_converted(model_dir):
+        smollm2.convert(gguf, model_dir)
+    return model_dir, smollm2.load_tokenizer(model_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", required=True)
@@ -108,12 +117,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     (out_dir / "accuracy_servers.log.d").mkdir(parents=True, exist_ok=True)
 
-    from sglang_tokenselect_eval import smollm2
-
-    model = Path(args.model_dir)
-    if not smollm2.is_converted(model):
-        smollm2.convert(Path(args.gguf), model)
-    tokenizer = smollm2.load_tokenizer(model)
+    model, tokenizer = prepare_model(Path(args.gguf), Path(args.model_dir))
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = ev.parse_depths(args.depths)
     samples = {L: ev.build_samples(tokenizer, TASKS, [L], depths) for L in lengths}

