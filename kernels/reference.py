@@ -301,7 +301,8 @@ def paged_decode_attention_reference(
     logit_cap: float = 0.0,
     rope: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Decode attention of each request over the slots listed for it.
+    """Decode attention of each request over the slots listed for it: the paged prefill below
+    with one query per request (its last position sees every listed slot).
 
     Args:
         q: [B, H_q, D]; k_buffer: [S, H_kv, D]; v_buffer: [S, H_kv, Dv].
@@ -312,22 +313,9 @@ def paged_decode_attention_reference(
     Returns:
         [B, H_q, Dv] in q's dtype, accumulated in float32.
     """
-    heads = kv_head_of(q.shape[1], k_buffer.shape[1]).to(q.device)
-    out = torch.empty(q.shape[0], q.shape[1], v_buffer.shape[-1], dtype=q.dtype, device=q.device)
-    for b in range(q.shape[0]):
-        slots = kv_indices[int(kv_indptr[b]) : int(kv_indptr[b + 1])].long()
-        keys = k_buffer[slots].float()[:, heads, :]  # [n, H_q, D]
-        values = v_buffer[slots].float()[:, heads, :]
-        qb = q[b].float()
-        if rope is not None:
-            n = slots.numel()
-            keys = rope_rotate_reference(keys, torch.arange(n, device=q.device), *rope)
-            qb = rope_rotate_reference(qb[None], torch.tensor([n - 1], device=q.device), *rope)[0]
-        logits = torch.einsum("hd,nhd->hn", qb, keys) * scale
-        if logit_cap > 0:
-            logits = logit_cap * torch.tanh(logits / logit_cap)
-        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), values).to(q.dtype)
-    return out
+    one_query_each = torch.arange(q.shape[0] + 1, device=kv_indptr.device)
+    return paged_prefill_attention_reference(q, k_buffer, v_buffer, one_query_each, kv_indptr, kv_indices,
+                                             scale, logit_cap, rope)
 
 
 # ----------------------------------------------------------------------------- sparse prefill

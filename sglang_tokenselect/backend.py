@@ -399,12 +399,10 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
         )
         self._count_decode_step(seq_lens_cpu)
 
-    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
-                       save_kv_cache: bool = True):
-        """Dense (parent) unless this extend is sparse: then the PyTorch reference of the
-        sub-chunk selection and of FlashInfer's paged prefill over it."""
-        if self.ts_prefill is None or layer.is_cross_attention:
-            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+    def _rerotate_and_store(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                            save_kv_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's K/V (pre-RoPE under extrapolation); returns (q to attend with, q to
+        select with): both the model's q, or its un-rotated form and its rotation to n_local."""
         q_sel = q
         if self.ts_rope is not None:
             q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
@@ -412,6 +410,15 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
             )
+        return q, q_sel
+
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                       save_kv_cache: bool = True):
+        """Dense (parent) unless this extend is sparse: then the PyTorch reference of the
+        sub-chunk selection and of FlashInfer's paged prefill over it."""
+        if self.ts_prefill is None or layer.is_cross_attention:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        q, q_sel = self._rerotate_and_store(q, k, v, layer, forward_batch, save_kv_cache)
         step = self._select_prefill(q_sel, layer)
         q3 = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         n = step.plan.num_tokens
@@ -431,13 +438,7 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True):
-        q_sel = q
-        if self.ts_rope is not None:
-            q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(
-                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
-            )
+        q, q_sel = self._rerotate_and_store(q, k, v, layer, forward_batch, save_kv_cache)
         step = self._select(q_sel, layer, forward_batch)
         out = ref.paged_decode_attention_reference(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
