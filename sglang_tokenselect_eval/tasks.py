@@ -284,6 +284,25 @@ def _fit_filler(task: str, meas: _Measurer, layout: _Layout, length: int, depth:
     return content, total, needle_tok, hay_tok
 
 
+def _sample(task, content, expected, length, total, depth, needle_tok, hay_tok, seed, chat_template,
+            extra=None) -> TaskSample:
+    """A TaskSample of one user message, from what ``_fit_filler`` measured."""
+    return TaskSample(
+        task=task,
+        messages=[{"role": "user", "content": content}],
+        expected=expected,
+        target_length=length,
+        token_length=total,
+        depth=depth,
+        needle_token_pos=needle_tok[0],
+        needle_token_len=needle_tok[1] - needle_tok[0],
+        haystack_token_span=hay_tok,
+        seed=seed,
+        chat_template=chat_template,
+        extra={} if extra is None else extra,
+    )
+
+
 def make_passkey(
     tokenizer, length: int, depth: float, seed: int = 0, *, chat_template: bool = True, hint: bool = True
 ) -> TaskSample:
@@ -303,19 +322,8 @@ def make_passkey(
     )
     meas = _Measurer(tokenizer, chat_template)
     content, total, needle_tok, hay_tok = _fit_filler("passkey", meas, layout, length, depth)
-    return TaskSample(
-        task="passkey",
-        messages=[{"role": "user", "content": content}],
-        expected=key,
-        target_length=length,
-        token_length=total,
-        depth=depth,
-        needle_token_pos=needle_tok[0],
-        needle_token_len=needle_tok[1] - needle_tok[0],
-        haystack_token_span=hay_tok,
-        seed=seed,
-        chat_template=chat_template,
-    )
+    return _sample("passkey", content, key, length, total, depth, needle_tok, hay_tok, seed,
+                   chat_template)
 
 
 def make_multikey(
@@ -353,20 +361,8 @@ def make_multikey(
     )
     meas = _Measurer(tokenizer, chat_template)
     content, total, needle_tok, hay_tok = _fit_filler("multikey", meas, layout, length, depth)
-    return TaskSample(
-        task="multikey",
-        messages=[{"role": "user", "content": content}],
-        expected=numbers[0],
-        target_length=length,
-        token_length=total,
-        depth=depth,
-        needle_token_pos=needle_tok[0],
-        needle_token_len=needle_tok[1] - needle_tok[0],
-        haystack_token_span=hay_tok,
-        seed=seed,
-        chat_template=chat_template,
-        extra={"key": words[0], "distractors": dict(zip(words[1:], numbers[1:]))},
-    )
+    return _sample("multikey", content, numbers[0], length, total, depth, needle_tok, hay_tok, seed,
+                   chat_template, extra={"key": words[0], "distractors": dict(zip(words[1:], numbers[1:]))})
 
 
 # --------------------------------------------------------------------------- kv retrieval
@@ -480,20 +476,8 @@ def make_kv(tokenizer, length: int, depth: float, seed: int = 0, *, chat_templat
     _, content, total, needle_tok, hay_tok, num_pairs = best
     if abs(total - length) > LENGTH_TOLERANCE * length:
         raise _fail("kv", length, total)
-    return TaskSample(
-        task="kv",
-        messages=[{"role": "user", "content": content}],
-        expected=needle[1],
-        target_length=length,
-        token_length=total,
-        depth=depth,
-        needle_token_pos=needle_tok[0],
-        needle_token_len=needle_tok[1] - needle_tok[0],
-        haystack_token_span=hay_tok,
-        seed=seed,
-        chat_template=chat_template,
-        extra={"key": needle[0], "num_pairs": num_pairs},
-    )
+    return _sample("kv", content, needle[1], length, total, depth, needle_tok, hay_tok, seed,
+                   chat_template, extra={"key": needle[0], "num_pairs": num_pairs})
 
 
 _MAKERS = {"passkey": make_passkey, "multikey": make_multikey, "kv": make_kv}
