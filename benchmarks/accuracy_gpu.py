@@ -21,7 +21,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     plot(results, out_dir / "accuracy.png")
     logs = out_dir / "accuracy_servers.log.d"
     os.system(f"tar czf {out_dir / 'accuracy_servers.tgz'} -C {logs} . && rm -rf {logs}")
-    print(format_summary(results["summary"]))
+    print(format_summary(results["summary"], results["tasks"]))
     return 0
 
 
@@ -230,20 +230,20 @@ def _conditional(cells, dense) -> dict:
     return {t: f"{sum(v)}/{len(v)}" for t, v in by_task.items()}
 
 
-def format_summary(summary: dict) -> str:
-    lines = [f"{'run':<12} {'acc':>5} " + " ".join(f"{t:>9}" for t in TASKS) + "  same-as-dense  kept-where-dense-right"]
+def format_summary(summary: dict, tasks: Sequence[str]) -> str:
+    lines = [f"{'run':<12} {'acc':>5} " + " ".join(f"{t:>9}" for t in tasks) + "  same-as-dense  kept-where-dense-right"]
     for label, s in summary.items():
         per = s.get("per_task", {})
         acc = s.get("accuracy")
         lines.append(f"{label:<12} {acc if acc is None else round(acc, 2)!s:>5} "
-                     + " ".join(f"{per.get(t, float('nan')):>9.2f}" for t in TASKS)
+                     + " ".join(f"{per.get(t, float('nan')):>9.2f}" for t in tasks)
                      + f"  {s.get('same_answer_as_dense')!s:>13}  {s.get('correct_where_dense_correct')}"
                      + (f"  hit rate {s['hit_rate_by_length']}" if s.get("hit_rate_by_length") else ""))
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    """One row of heatmaps (length x depth) per run, one column per task."""
+    """One row of heatmaps (length x depth) per run, one column per task of ``results["tasks"]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,10 +251,11 @@ def plot(results: dict, path: Path) -> None:
     import numpy as np
 
     runs = [r for r in results["runs"] if any("task" in c for c in results["runs"][r]["cells"])]
-    fig, axes = plt.subplots(len(runs), len(TASKS), figsize=(11, 2.2 * len(runs) + 1), squeeze=False)
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(len(runs), len(tasks), figsize=(11, 2.2 * len(runs) + 1), squeeze=False)
     for i, label in enumerate(runs):
         cells = [c for c in results["runs"][label]["cells"] if "task" in c]
-        for j, task in enumerate(TASKS):
+        for j, task in enumerate(tasks):
             ax = axes[i][j]
             lengths = sorted({c["length"] for c in cells})
             depths = sorted({c["depth"] for c in cells})

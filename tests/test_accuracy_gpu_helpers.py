@@ -48,7 +48,7 @@ def test_summary_reports_hit_rate_by_length():
     }}
     summary = acc.summarize(results)
     assert summary["ts5_t0.9"]["hit_rate_by_length"] == {"4096": 0.25, "8000": None}
-    assert "hit rate" in acc.format_summary(summary)
+    assert "hit rate" in acc.format_summary(summary, acc.TASKS)
 
 
 def test_extrapolation_runs_context_length_and_summary(tmp_path):
@@ -66,6 +66,10 @@ def test_extrapolation_runs_context_length_and_summary(tmp_path):
     summary = acc.summarize(results)
     assert summary["ts_extrapolate"]["same_answer_as_dense"] == 0.0
     assert summary["ts_extrapolate"]["hit_rate_by_length"] == {"all": 0.5}
+    table = acc.format_summary(summary, xg.TASKS)
+    assert table.splitlines()[0].split()[2:4] == list(xg.TASKS) and " kv" not in table
+    acc.plot({"tasks": list(xg.TASKS), **results}, tmp_path / "x.png")  # one heatmap column per task
+    assert (tmp_path / "x.png").stat().st_size > 0
     log = tmp_path / "s.log"
     log.write_text("INFO TokenSelect: length extrapolation in effect: pre-RoPE keys ...\n")
     assert xg.extrapolation_logged(SimpleNamespace(log_path=str(log)))
