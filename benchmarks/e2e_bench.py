@@ -27,7 +27,8 @@ backend) this script starts an SGLang server on a Llama-3-8B-shaped model with
 Backend labels: a backend name with optional ``@variant`` suffixes, which add
 server flags: ``@nocg`` (``--disable-cuda-graph``) and, for tokenselect,
 ``@t<float>`` (``--tokenselect-cache-threshold=<float>``: ``@t1`` selects at
-every step, ``@t-1`` selects once per request); e.g. ``tokenselect@t0.9@nocg``.
+every step, ``@t-1`` selects once per request), ``@sp`` (``--tokenselect-sparse-prefill``) and
+``@x`` (sparse prefill plus ``--tokenselect-extrapolate``); e.g. ``tokenselect@t0.9@nocg``.
 The label is the key of the backend's results, so several variants coexist in
 one e2e.json and in ``--compare-with`` merges.
 
@@ -95,7 +96,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backends", default=DEFAULT_BACKENDS,
                     help="comma list of labels; the first is the reference; NAME@nocg adds "
                          "--disable-cuda-graph, tokenselect@t<float> adds --tokenselect-cache-threshold=<float> "
-                         "(t1: select every step, t-1: once per request); variants combine: tokenselect@t0.9@nocg")
+                         "(t1: select every step, t-1: once per request), tokenselect@sp sparse prefill, "
+                         "tokenselect@x sparse prefill + extrapolation; variants combine: tokenselect@t0.9@nocg")
     ap.add_argument("--contexts", default=None, help=f"comma list of prompt lengths (default {DEFAULT_CONTEXTS}; --quick: {QUICK_CONTEXTS})")
     ap.add_argument("--decode-tokens", type=int, default=64, help="max_new_tokens of the long-context requests")
     ap.add_argument("--quick", action="store_true", help="fewer contexts and batching requests")

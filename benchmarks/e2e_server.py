@@ -56,6 +56,10 @@ SERVER_INFO_KEYS = (
 
 
 BACKEND_VARIANTS = {"nocg": ["--disable-cuda-graph"]}
+TOKENSELECT_VARIANTS = {  # issue 10's sparse prefill; issue 11's extrapolation (which needs it)
+    "sp": ["--tokenselect-sparse-prefill"],
+    "x": ["--tokenselect-sparse-prefill", "--tokenselect-extrapolate"],
+}
 THRESHOLD_FLAG = "--tokenselect-cache-threshold"
 _THRESHOLD_RE = re.compile(r"^t([-+]?(?:\d+\.?\d*|\.\d+))$")
 
@@ -63,18 +67,20 @@ _THRESHOLD_RE = re.compile(r"^t([-+]?(?:\d+\.?\d*|\.\d+))$")
 def variant_args(base: str, variant: str, label: str = "") -> List[str]:
     """Server flags of one ``@variant`` of backend ``base``.
 
-    ``nocg`` -> ``--disable-cuda-graph``; ``t<float>`` (tokenselect only) ->
-    ``--tokenselect-cache-threshold=<float>`` (the ``=`` form keeps ``-1`` a value).
+    ``nocg`` -> ``--disable-cuda-graph``; tokenselect only: ``t<float>`` ->
+    ``--tokenselect-cache-threshold=<float>`` (the ``=`` form keeps ``-1`` a value), ``sp`` ->
+    sparse prefill, ``x`` -> sparse prefill with length extrapolation.
     """
     if variant in BACKEND_VARIANTS:
         return list(BACKEND_VARIANTS[variant])
     m = _THRESHOLD_RE.match(variant)
-    if m:
+    if m or variant in TOKENSELECT_VARIANTS:
         if base != "tokenselect":
-            raise ValueError(f"variant {variant!r} in {label!r}: a cache threshold needs the tokenselect backend")
-        return [f"{THRESHOLD_FLAG}={m.group(1)}"]
+            raise ValueError(f"variant {variant!r} in {label!r} needs the tokenselect backend")
+        return [f"{THRESHOLD_FLAG}={m.group(1)}"] if m else list(TOKENSELECT_VARIANTS[variant])
     raise ValueError(f"unknown backend variant {variant!r} in {label!r}; known: "
-                     f"{sorted(BACKEND_VARIANTS)} and t<float> (tokenselect cache threshold)")
+                     f"{sorted(BACKEND_VARIANTS)}, and for tokenselect {sorted(TOKENSELECT_VARIANTS)} "
+                     f"and t<float> (cache threshold)")
 
 
 def split_backend(label: str) -> Tuple[str, List[str]]:

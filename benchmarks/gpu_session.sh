@@ -3,7 +3,8 @@
 # chunks put SGLang 0.5.17 into /tmp/site (see benchmarks/README.md). Writes under $OUT.
 #   bash benchmarks/gpu_session.sh STEP [STEP ...]   (GPU_DIR: the carried .gpu folder, default .gpu)
 # Steps: env, smol-part1, smol-part2, gputests, select, select-quick, e2e, e2e-nocg, e2e-quick, accuracy,
-#        extrapolation, jit-save, jit-restore, e2e-bs1-a, e2e-bs1-b, e2e-tput-a, e2e-tput-b, e2e-tput, soak
+#        extrapolation, jit-save, jit-restore, e2e-bs1-a, e2e-bs1-b, e2e-tput-a, e2e-tput-b, e2e-tput, soak,
+#        prefill-bs1, prefill-tput, extrap-speed
 #
 # One device command may run 10 minutes and brings back at most 8 files from $OUT (this
 # script always writes pip.log and one log per step): run each e2e-* step in its own command
@@ -203,6 +204,22 @@ for s in "$@"; do
     # on a machine ~145 s; with jit-restore first on a fresh one) + SOAK_TIME + stop-timeout 20 s +
     # drain check ~5-60 s + stop ~10 s: ~7-9 min with 5m, within SOAK_BUDGET=540 s.
     soak) step soak soak ;;
+    # Issue 10: time to first token, bs=1, at 8K/32K/128K/256K, dense (flashinfer) against sparse
+    # prefill (tokenselect@sp; PREFILL_A overrides the backends), after greedy ids below the budget,
+    # 8 concurrent requests and a shared-prefix pair (radix cache) with sparse prefill on. Estimate
+    # (warm) per backend: start ~70 s + ~30 s of short phases + prefills ~2+4+15+45 s (dense) +
+    # decode/stop ~15 s: ~6-7 min for two.
+    prefill-bs1) step e2e_bs1 e2e_bs1 --backends "${PREFILL_A:-flashinfer,tokenselect@sp}" \
+                   --phases warmup,correctness,batching,shared_prefix,long_context \
+                   --contexts 8192,32768,131072,262144; keep prefill_bs1.json ;;
+    # Issue 10: prefill throughput of 8 concurrent 32K prompts (the throughput phase's prefill_s
+    # and prefill_tokens), dense against sparse prefill: ~4-5 min for two.
+    prefill-tput) TPUT=8x32768 step e2e_tput e2e_tput --backends "${PREFILL_A:-flashinfer,tokenselect@sp}"
+                  keep prefill_tput.json ;;
+    # Issue 11: decode speed with extrapolation against the same budget without it (both with
+    # sparse prefill, θ=1 so that every step selects), bs=1 at 32K and 128K: ~5 min.
+    extrap-speed) step e2e_bs1 e2e_bs1 --backends tokenselect@t1@sp,tokenselect@t1@x --contexts 32768,131072
+                  keep extrap_speed.json ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done

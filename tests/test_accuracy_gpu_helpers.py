@@ -23,6 +23,35 @@ def test_configs_cover_both_budgets_and_three_thresholds():
     assert "ts_default" not in acc.tokenselect_configs(4096, first=False)
 
 
+def test_sparse_prefill_configs_pair_each_budget_with_and_without_it():
+    """Issue 10: each budget after dense and after sparse prefill, same budget and θ; sub-chunks
+    that fit the local window (the plugin refuses --tokenselect-prefill-chunk > n_local)."""
+    configs = acc.tokenselect_configs(2048, True, "sparse-prefill")
+    assert set(configs) == {"ts5_t0.9", "ts5_t0.9_sp", "ts15_t0.9", "ts15_t0.9_sp"}
+    for pct in (5, 15):
+        dense_prefill, sparse = configs[f"ts{pct}_t0.9"], configs[f"ts{pct}_t0.9_sp"]
+        assert sparse[:len(dense_prefill)] == dense_prefill and "--tokenselect-sparse-prefill" not in dense_prefill
+        n_local = int(sparse[sparse.index("--tokenselect-n-local") + 1])
+        chunk = int(sparse[sparse.index("--tokenselect-prefill-chunk") + 1])
+        assert chunk == min(512, n_local) and "--tokenselect-sparse-prefill" in sparse
+    big = acc.tokenselect_configs(65536, False, "sparse-prefill")["ts15_t0.9_sp"]
+    assert big[big.index("--tokenselect-prefill-chunk") + 1] == "512"
+    for length in (2048, 4096, 8000, 65536):  # the plugin's own parser and validation accept each run
+        for flags in acc.tokenselect_configs(length, True, "sparse-prefill").values():
+            cfg = _plugin_config(flags)
+            assert cfg.cache_threshold == 0.9 and cfg.sparse_prefill == ("--tokenselect-sparse-prefill" in flags)
+
+
+def _plugin_config(flags):
+    import argparse
+
+    from sglang_tokenselect.server_args import add_tokenselect_args, config_from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_tokenselect_args(parser)
+    return config_from_namespace(parser.parse_args(flags))
+
+
 def test_hit_rate_from_the_last_cumulative_stats_line(tmp_path):
     log = tmp_path / "server.log"
     log.write_text(

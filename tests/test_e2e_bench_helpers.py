@@ -567,7 +567,9 @@ def test_split_backend_threshold_variants():
     assert es.split_backend("tokenselect@t0.9@nocg") == ("tokenselect", [f"{flag}=0.9", "--disable-cuda-graph"])
     assert es.split_backend("flashinfer@nocg") == ("flashinfer", ["--disable-cuda-graph"])
     assert es.split_backend("tokenselect") == ("tokenselect", [])
-    for bad in ("flashinfer@t1", "tokenselect@tx", "tokenselect@t", "tokenselect@", "@nocg", "tokenselect@t1e"):
+    assert es.split_backend("tokenselect@t1@sp") == ("tokenselect", [f"{flag}=1", "--tokenselect-sparse-prefill"])
+    assert es.split_backend("tokenselect@x")[1] == ["--tokenselect-sparse-prefill", "--tokenselect-extrapolate"]
+    for bad in ("flashinfer@sp", "flashinfer@x", "tokenselect@spx", "flashinfer@t1", "tokenselect@tx", "tokenselect@t", "tokenselect@", "@nocg", "tokenselect@t1e"):
         with pytest.raises(ValueError):
             es.split_backend(bad)
     with pytest.raises(SystemExit):
