@@ -120,14 +120,20 @@ def prepare_model(gguf: Path, model_dir: Path):
     return model_dir, smollm2.load_tokenizer(model_dir)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def smollm2_run_parser(description: str, lengths: str) -> argparse.ArgumentParser:
+    """The arguments of a SmolLM2 run through servers (this script and extrapolation_gpu.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--model-dir", default="/tmp/smollm2_hf")
-    ap.add_argument("--lengths", default="2048,4096,6144,8000")
+    ap.add_argument("--lengths", default=lengths)
     ap.add_argument("--depths", default="5")
     ap.add_argument("--time-budget", type=float, default=560)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = smollm2_run_parser(__doc__.split("\n")[0], "2048,4096,6144,8000")
     ap.add_argument("--resume", default=None, help="an earlier accuracy.json: keep its complete runs")
     ap.add_argument("--configs", choices=("thresholds", "sparse-prefill"), default="thresholds",
                     help="the TokenSelect runs: cache thresholds (issue 7) or sparse prefill (issue 10)")

@@ -21,7 +21,6 @@ Cache stats) and ``extrapolation.png`` (correct by length x depth, one row per r
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -76,14 +75,8 @@ def extrapolation_logged(server: e2e_server.ServerProcess) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--out-dir", required=True)
-    ap.add_argument("--model-dir", default="/tmp/smollm2_hf")
-    ap.add_argument("--lengths", default="8000,16384,32768,65536")
-    ap.add_argument("--depths", default="5")
+    ap = acc.smollm2_run_parser(__doc__.split("\n")[0], "8000,16384,32768,65536")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"subset of {','.join(RUNS)}")
-    ap.add_argument("--time-budget", type=float, default=560)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[extrap %(asctime)s] %(message)s")
     deadline = e2e_util.Budget(args.time_budget)

@@ -29,7 +29,7 @@ from sglang_tokenselect.backend import TokenSelectTorchBackend, UnsupportedConfi
 from sglang_tokenselect.config import TokenSelectConfig
 from sglang_tokenselect.kernels import reference as ref
 from sglang_tokenselect.rope import RopeSpec, UnsupportedRopeError, rope_spec_of_hf_config
-from ts_fixtures import ATOL, HEAD_DIM, RTOL, build, decode_case, extend_case, fresh_seed, make_batch
+from ts_fixtures import ATOL, HEAD_DIM, RTOL, build, decode_case, decode_request_qkv, extend_case, fresh_seed, make_batch
 
 pytestmark = pytest.mark.sglang_contract
 
@@ -255,14 +255,9 @@ def test_small_budget_decode_attends_rope_over_list_positions():
     backend = TokenSelectTorchBackend(fx.runner, cfg, rope=ROPE)
     actual = roped_forward(fx, backend, rotary)
     m = fx.reference_module
-    group = m.num_heads // m.num_kv_heads
-    q_all, k_new, v_new = m.project_qkv(fx.input_hidden)
     outs = []
-    for b, prefix in enumerate(fx.prefix_hidden):
-        _, k_pre, v_pre = m.project_qkv(prefix)
-        keys = torch.cat([k_pre, k_new[b : b + 1]]).view(-1, m.num_kv_heads, m.head_dim).float().repeat_interleave(group, 1)
-        values = torch.cat([v_pre, v_new[b : b + 1]]).view(-1, m.num_kv_heads, m.head_dim).float().repeat_interleave(group, 1)
-        q = q_all[b].view(1, m.num_heads, m.head_dim).float()
+    for b, (q, keys, values) in enumerate(decode_request_qkv(fx)):
+        q = q[None]  # [1, H_q, D]: complex_rotate's leading position axis
         length = keys.shape[0]
         chosen = selected_positions(backend, fx, b)
         if length <= cfg.budget:
@@ -282,7 +277,7 @@ def test_small_budget_decode_attends_rope_over_list_positions():
         q_at = complex_rotate(q, torch.tensor([n - 1]), THETA, SCALE)[0].float()
         probs = torch.softmax(torch.einsum("hd,jhd->hj", q_at, k_list) * m.scaling, 1)
         outs.append(torch.einsum("hj,jhd->hd", probs, values[chosen]).reshape(-1))
-    expected = m.reconstruct_output(torch.stack(outs).to(fx.input_hidden.dtype))
+    expected = m.reconstruct_output(torch.stack(outs).to(fx.input_hidden.device, fx.input_hidden.dtype))
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=f"seed {seed}")
     assert backend.selection_cache.counts()["misses"] == 2
 

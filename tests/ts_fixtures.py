@@ -116,24 +116,32 @@ def make_batch(fixture, case: DenseAttentionCase):
 
 # --- an independent TokenSelect reference, built from the kit's reference module -------------
 
+def decode_request_qkv(fixture):
+    """Per decode request, in order: its query ``[H_q, D]`` and the keys and values of its whole
+    context, the prefix and the new token, ``[L, H_q, D]`` (head h reads kv head h // group),
+    projected by the kit's reference module; fp32 on the CPU."""
+    ref = fixture.reference_module
+    group = ref.num_heads // ref.num_kv_heads
+    q_all, k_new, v_new = ref.project_qkv(fixture.input_hidden)
+    for b, prefix in enumerate(fixture.prefix_hidden):
+        _, k_pre, v_pre = ref.project_qkv(prefix)
+        keys, values = (
+            torch.cat([pre, new[b : b + 1]]).view(-1, ref.num_kv_heads, ref.head_dim).float().cpu()
+            .repeat_interleave(group, 1)
+            for pre, new in ((k_pre, k_new), (v_pre, v_new))
+        )
+        yield q_all[b].view(ref.num_heads, ref.head_dim).float().cpu(), keys, values
+
+
 def expected_tokenselect_decode(fixture, *, n_init, n_local, topk, score_scale=1.0) -> torch.Tensor:
     """Selection then attention for each decode request, written without the package's code.
 
     Returns the module output [B, hidden] in the fixture dtype.
     """
     ref = fixture.reference_module
-    group = ref.num_heads // ref.num_kv_heads
-    q_all, k_new, v_new = ref.project_qkv(fixture.input_hidden)
     outs = []
-    for b, prefix in enumerate(fixture.prefix_hidden):
-        _, k_pre, v_pre = ref.project_qkv(prefix)
-        keys = torch.cat([k_pre, k_new[b : b + 1]]).view(-1, ref.num_kv_heads, ref.head_dim).float()
-        values = torch.cat([v_pre, v_new[b : b + 1]]).view(-1, ref.num_kv_heads, ref.head_dim).float()
-        q = q_all[b].view(ref.num_heads, ref.head_dim).float()
-        length = keys.shape[0]
-        keys, values, q = keys.cpu(), values.cpu(), q.cpu()
-        keys_h = keys.repeat_interleave(group, dim=1)  # [L, H_q, D]: head h reads kv head h // group
-        values_h = values.repeat_interleave(group, dim=1)
+    for q, keys_h, values_h in decode_request_qkv(fixture):
+        length = keys_h.shape[0]
         if length <= n_init + topk + n_local:
             chosen = torch.arange(length)
         else:
