@@ -321,6 +321,17 @@ class TokenSelectDecodeMixin:
             q_pre, k_pre, q_sel = triton_rope.extrapolation_qk(q3, k3, self.ts_rope_tables, self.ts_rope_sel_tables)
         return q_pre, (k_pre if k is not None else None), q_sel
 
+    def _rerotate_and_store(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
+                            save_kv_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's K/V (pre-RoPE under extrapolation); returns (q to attend with, q to
+        select with): both the model's q, or its un-rotated form and its rotation to n_local."""
+        q_sel = q
+        if self.ts_rope is not None:
+            q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
+        if save_kv_cache and k is not None and v is not None:
+            self._store_kv(layer, forward_batch, k, v)
+        return q, q_sel
+
     def _select(self, q: torch.Tensor, layer: "RadixAttention", forward_batch: "ForwardBatch") -> DecodeStep:
         step = self.ts_step
         self.ts_selector.select(
@@ -399,18 +410,9 @@ class TokenSelectTorchBackend(TokenSelectDecodeMixin, TorchNativeAttnBackend):
         )
         self._count_decode_step(seq_lens_cpu)
 
-    def _rerotate_and_store(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
-                            save_kv_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's K/V (pre-RoPE under extrapolation); returns (q to attend with, q to
-        select with): both the model's q, or its un-rotated form and its rotation to n_local."""
-        q_sel = q
-        if self.ts_rope is not None:
-            q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
-        if save_kv_cache and k is not None and v is not None:
-            self.token_to_kv_pool.set_kv_buffer(
-                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
-            )
-        return q, q_sel
+    def _store_kv(self, layer: "RadixAttention", forward_batch: "ForwardBatch", k, v) -> None:
+        loc = KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc)
+        self.token_to_kv_pool.set_kv_buffer(layer, loc, k, v)
 
     def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                        save_kv_cache: bool = True):
@@ -482,6 +484,9 @@ def _flashinfer_backend_class():
         # CPU tests check the same semantics through reference.paged_*_attention_reference(rope=).
 
         def _rope_kwargs(self) -> dict:
+            """FlashInfer's in-kernel RoPE under extrapolation (none without it)."""
+            if self.ts_rope is None:
+                return {}
             return dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=self.ts_rope.scale, rope_theta=self.ts_rope.theta)
 
         def _plan_decode_with_rope(self) -> None:
@@ -558,21 +563,20 @@ def _flashinfer_backend_class():
                 torch.ones(plan.num_rows, dtype=torch.int32),  # last page lengths, on the host like the indptrs
                 updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
                 causal=True, q_data_type=updater.q_data_type, kv_data_type=updater.data_type,
-                non_blocking=True, **(self._rope_kwargs() if self.ts_rope is not None else {}),
+                non_blocking=True, **self._rope_kwargs(),
             )
             return self._build_prefill_step(plan, forward_batch, kv_indptr=wrapper._paged_kv_indptr_buf,
                                             kv_indices=wrapper._paged_kv_indices_buf)
+
+        def _store_kv(self, layer: "RadixAttention", forward_batch: "ForwardBatch", k, v) -> None:
+            self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+                                                *self._kv_write_scales(layer))
 
         def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch",
                            save_kv_cache: bool = True):
             if self.ts_prefill is None or layer.is_cross_attention:
                 return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-            q_sel = q
-            if self.ts_rope is not None:
-                q, k, q_sel = self._rerotate(q, k, layer, forward_batch)
-            if k is not None and save_kv_cache:
-                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
-                                                    *self._kv_write_scales(layer))
+            q, q_sel = self._rerotate_and_store(q, k, v, layer, forward_batch, save_kv_cache)
             step = self._select_prefill(q_sel, layer)
             n = step.plan.num_tokens
             q3 = q.reshape(-1, layer.tp_q_head_num, layer.head_dim)
@@ -580,7 +584,7 @@ def _flashinfer_backend_class():
                 q3[:n].contiguous(), self.token_to_kv_pool.get_kv_buffer(layer.layer_id), causal=True,
                 sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
                 k_scale=layer.k_scale_float, v_scale=layer.v_scale_float,
-                **(self._rope_kwargs() if self.ts_rope is not None else {}),
+                **self._rope_kwargs(),
             )
             if n < q3.shape[0]:  # padded query rows (none expected: prefill CUDA graphs are off)
                 o = torch.cat([o, o.new_zeros((q3.shape[0] - n,) + tuple(o.shape[1:]))])
@@ -622,11 +626,8 @@ def _flashinfer_backend_class():
                                          save_kv_cache: bool = True):
             """Pre-RoPE K into the pool, selection with q rotated to n_local, FlashInfer decode with
             in-kernel RoPE on the pre-RoPE q (the parent's call would reset the RoPE parameters)."""
-            q_pre, k_pre, q_sel = self._rerotate(q, k, layer, forward_batch)
-            self._select(q_sel, layer, forward_batch)
-            if k_pre is not None and save_kv_cache:
-                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k_pre, v,
-                                                    *self._kv_write_scales(layer))
+            q_pre, q_sel = self._rerotate_and_store(q, k, v, layer, forward_batch, save_kv_cache)
+            self._select(q_sel, layer, forward_batch)  # the current token is local: storing first is safe
             wrapper = self.forward_metadata.decode_wrappers[0]
             o = wrapper.forward(
                 q_pre.contiguous(), self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
